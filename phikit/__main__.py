@@ -1,0 +1,34 @@
+"""`phikit <command>` / `python -m phikit <command>`: a table of commands, each imported only when run."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+COMMANDS = {
+    "generate": ("phikit.commands.generate", "complete a prompt (or one chat turn) and print the completion"),
+    "chat": ("phikit.commands.chat", "interactive multi-turn chat with streaming output"),
+}
+
+
+def usage() -> str:
+    lines = ["usage: phikit <command> [options]", "", "commands:"]
+    lines += [f"  {name:<10} {help_}" for name, (_, help_) in COMMANDS.items()]
+    lines += ["", "Run 'phikit <command> --help' for the options of a command."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
+        return 0
+    if argv[0] not in COMMANDS:
+        print(f"phikit: unknown command {argv[0]!r}\n\n{usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(COMMANDS[argv[0]][0])
+    return module.main(argv[1:]) or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

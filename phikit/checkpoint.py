@@ -1,0 +1,210 @@
+"""Checkpoints: Hugging Face safetensors directories (single file or sharded) <-> Phi3.
+
+Our on-disk format *is* the HF layout (config.json, model.safetensors or shards plus
+model.safetensors.index.json, tokenizer files), so a directory saved here loads in transformers
+and vice versa. Converting names is a prefix strip: HF `model.layers.0.mlp.down_proj.weight` is our
+`layers.0.mlp.down_proj.weight`; `lm_head.weight` keeps its name and is absent when embeddings are tied.
+
+Loading builds the model on the meta device and assigns tensors straight from the memory-mapped
+files, cast only when the requested dtype differs, so a bf16 checkpoint is never copied to fp32.
+Pickle files (.bin/.pt/.pth) are refused: unpickling can run arbitrary code.
+
+References: gpt-fast `generate.py::_load_model`; safetensors docs (`safe_open`); transformers
+`modeling_utils.py` sharded loading (`model.safetensors.index.json` with a `weight_map`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from .config import Config
+from .model import Phi3
+
+HF_PREFIX = "model."
+INDEX_FILE = "model.safetensors.index.json"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+# tokenizer and generation files copied alongside the weights on save
+SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
+              "added_tokens.json", "tokenizer.model", "chat_template.jinja", "chat_template.json",
+              "vocab.json", "merges.txt")
+# tensors some checkpoints carry that are derived, not learned: skipped on load
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded; the message names the file and the tensor."""
+
+
+def hf_to_ours(name: str) -> str:
+    return name[len(HF_PREFIX):] if name.startswith(HF_PREFIX) else name
+
+
+def ours_to_hf(name: str) -> str:
+    return name if name.startswith("lm_head.") else HF_PREFIX + name
+
+
+def resolve(path_or_id: str | os.PathLike, revision: str | None = None) -> Path:
+    """A local checkpoint directory, downloading a hub repo id through huggingface_hub if needed.
+
+    huggingface_hub honours HF_HUB_OFFLINE=1 (use the local cache only) and HF_HOME.
+    """
+    path = Path(path_or_id).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise CheckpointError(f"{path} is a file; pass the checkpoint directory that holds config.json")
+    if str(path_or_id).count("/") != 1 or str(path_or_id).startswith((".", "/", "~")):
+        raise CheckpointError(f"{path_or_id}: no such directory, and not a hub repo id of the form 'owner/name'")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(str(path_or_id), revision=revision,
+                                      allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]))
+    except LocalEntryNotFoundError as e:
+        raise CheckpointError(f"{path_or_id} is not in the local hub cache and cannot be downloaded "
+                              f"(offline or HF_HUB_OFFLINE=1): {e}") from None
+    except HfHubHTTPError as e:
+        raise CheckpointError(f"could not download {path_or_id} (revision {revision or 'main'}): {e}") from None
+
+
+def _weight_files(ckpt: Path) -> dict[str, Path]:
+    """tensor name -> file, from the shard index or from the safetensors file(s) themselves."""
+    index = ckpt / INDEX_FILE
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index} is not a valid shard index (needs a 'weight_map'): {e}") from None
+        files = {name: ckpt / fname for name, fname in weight_map.items()}
+        for f in sorted(set(files.values())):
+            if not f.exists():
+                raise CheckpointError(f"{index} lists {f.name}, which is missing from {ckpt}")
+        return files
+    shards = sorted(ckpt.glob("*.safetensors"))
+    if not shards:
+        pickles = sorted(p.name for p in ckpt.iterdir() if p.suffix in PICKLE_SUFFIXES)
+        if pickles:
+            raise CheckpointError(
+                f"{ckpt} holds only pickle weights ({', '.join(pickles)}); phikit loads safetensors only, because "
+                "unpickling a file can run arbitrary code. Convert once with transformers: "
+                "AutoModelForCausalLM.from_pretrained(DIR).save_pretrained(OUT_DIR, safe_serialization=True)")
+        raise CheckpointError(f"no *.safetensors weights in {ckpt}")
+    files = {}
+    for f in shards:
+        for name in _open(f).keys():
+            files[name] = f
+    return files
+
+
+def _open(f: Path):
+    try:
+        return safe_open(str(f), framework="pt", device="cpu")
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{f} is not a readable safetensors file (truncated or corrupt?): {e}") from None
+
+
+def load_model(ckpt: str | os.PathLike, dtype: torch.dtype | None = None, revision: str | None = None) -> Phi3:
+    """Build a Phi3 from a checkpoint directory or hub id, on the CPU, in `dtype` (default: the checkpoint's)."""
+    ckpt = resolve(ckpt, revision)
+    if not (ckpt / "config.json").exists():
+        raise CheckpointError(f"{ckpt} has no config.json")
+    cfg = Config.from_file(ckpt / "config.json")
+    files = _weight_files(ckpt)
+    with torch.device("meta"):
+        model = Phi3(cfg)
+    expected = {ours_to_hf(k): tuple(v.shape) for k, v in model.state_dict().items()}
+    if cfg.tie_embeddings:
+        del expected["lm_head.weight"]  # tied: the file has no lm_head, logits use embed_tokens
+    for name, f in files.items():
+        if name not in expected and not name.endswith(_IGNORED_SUFFIXES):
+            raise CheckpointError(f"unexpected tensor {name!r} in {f.name} (not part of a {cfg.n_layers}-layer "
+                                  f"Phi-3 model with this config.json)")
+    missing = sorted(set(expected) - set(files))
+    if missing:
+        raise CheckpointError(f"tensor {missing[0]!r} is missing from {ckpt}"
+                              + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+
+    state: dict[str, torch.Tensor] = {}
+    handles = {}
+    for name, shape in expected.items():
+        f = files[name]
+        if f not in handles:
+            handles[f] = _open(f)
+        try:
+            t = handles[f].get_tensor(name)  # memory-mapped: no read until first use
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(f"cannot read tensor {name!r} from {f.name}: {e}") from None
+        if tuple(t.shape) != shape:
+            raise CheckpointError(f"tensor {name!r} in {f.name} has shape {tuple(t.shape)}, expected {shape} "
+                                  f"for this config.json")
+        if not t.is_floating_point():
+            raise CheckpointError(f"tensor {name!r} in {f.name} has dtype {t.dtype}, expected a float type")
+        state[hf_to_ours(name)] = t if dtype is None or t.dtype == dtype else t.to(dtype)
+    if cfg.tie_embeddings:
+        state["lm_head.weight"] = state["embed_tokens.weight"]
+    model.load_state_dict(state, assign=True, strict=True)
+    if cfg.tie_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight  # assign=True replaced the shared Parameter: re-tie
+    return model.eval()
+
+
+def save(model: Phi3, out_dir: str | os.PathLike, tokenizer_dir: str | os.PathLike | None = None,
+         max_shard_bytes: int = 5 * 1024**3) -> Path:
+    """Write config.json and safetensors weights (sharded with an index beyond max_shard_bytes), HF names.
+
+    Files are written to a temporary directory next to out_dir and moved into place, so an
+    interrupted save never leaves a half-written checkpoint behind. Tokenizer and generation files
+    from tokenizer_dir are copied alongside.
+    """
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    cfg = model.cfg
+    tensors = {ours_to_hf(k): v.detach().contiguous() for k, v in model.state_dict().items()}
+    if cfg.tie_embeddings:
+        del tensors["lm_head.weight"]
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t
+        size += nbytes
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        hf = cfg.to_hf()
+        hf["torch_dtype"] = str(next(iter(tensors.values())).dtype).removeprefix("torch.")
+        (tmp / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
+        if len(shards) == 1:
+            save_file(shards[0], str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        else:
+            weight_map = {}
+            for i, shard in enumerate(shards, 1):
+                fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+                save_file(shard, str(tmp / fname), metadata={"format": "pt"})
+                weight_map.update({name: fname for name in shard})
+            total = sum(t.numel() * t.element_size() for t in tensors.values())
+            (tmp / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
+                                                     indent=2) + "\n")
+        if tokenizer_dir is not None:
+            for fname in SIDE_FILES:
+                src = Path(tokenizer_dir) / fname
+                if src.exists():
+                    shutil.copy2(src, tmp / fname)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out

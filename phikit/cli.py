@@ -1,0 +1,67 @@
+"""Options shared by the commands (model loading, sampling) and the loading they drive."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--model", required=True, metavar="M",
+                   help="checkpoint directory or Hugging Face hub id (e.g. microsoft/Phi-4-mini-instruct)")
+    g.add_argument("--revision", default=None, help="hub branch, tag or commit (default: main)")
+    g.add_argument("--dtype", default="auto", choices=DTYPES,
+                   help="weight and activation dtype (default: auto, the checkpoint's own)")
+    g.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="CPU threads for PyTorch (default: PyTorch's choice, usually the core count)")
+
+
+def add_sampling_args(p: argparse.ArgumentParser, temperature: float = 0.0) -> None:
+    g = p.add_argument_group("sampling")
+    g.add_argument("--max-new-tokens", type=int, default=256, metavar="N", help="most tokens to generate (default: 256)")
+    g.add_argument("--temperature", type=float, default=temperature, metavar="T",
+                   help=f"softmax temperature; 0 is greedy (default: {temperature})")
+    g.add_argument("--top-k", type=int, default=0, metavar="K", help="sample among the K likeliest tokens; 0 is off (default: 0)")
+    g.add_argument("--top-p", type=float, default=1.0, metavar="P", help="nucleus sampling mass; 1 is off (default: 1.0)")
+    g.add_argument("--min-p", type=float, default=0.0, metavar="P",
+                   help="drop tokens below P times the top probability; 0 is off (default: 0.0)")
+    g.add_argument("--repetition-penalty", type=float, default=1.0, metavar="R",
+                   help="divide logits of already-seen tokens by R (default: 1.0, off)")
+    g.add_argument("--seed", type=int, default=None, metavar="S", help="random seed for sampling (default: none)")
+    g.add_argument("--stop", action="append", default=[], metavar="STR",
+                   help="stop when this string appears (repeatable; default: none)")
+
+
+def sampling_from(args):
+    from .generate import Sampling
+
+    try:
+        return Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+                        repetition_penalty=args.repetition_penalty, seed=args.seed)
+    except ValueError as e:
+        sys.exit(f"phikit: {e}")
+
+
+def load_from(args):
+    """(model, tokenizer) for the parsed options, exiting with a one-line message on a bad checkpoint."""
+    from . import load
+    from .checkpoint import CheckpointError
+    from .config import ConfigError
+    from .tokenizer import TokenizerError
+
+    if args.threads is not None:
+        if args.threads < 1:
+            sys.exit("phikit: --threads must be >= 1")
+        torch.set_num_threads(args.threads)
+    try:
+        model, tokenizer = load(args.model, dtype=DTYPES[args.dtype], revision=args.revision)
+    except (CheckpointError, ConfigError, TokenizerError) as e:
+        sys.exit(f"phikit: {e}")
+    if tokenizer is None:
+        sys.exit(f"phikit: {args.model} has no tokenizer.json; text commands need one")
+    return model, tokenizer

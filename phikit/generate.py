@@ -1,0 +1,199 @@
+"""Generation: sampling, prefill, one decode step, and `generate()` as a token generator.
+
+`generate()` is the one loop every front end shares (CLI, chat, and later the server): it yields,
+step by step, the new token of each sequence in the batch. A batch may mix prompt lengths: each
+prompt is prefilled into its own cache row, then all rows decode together, each at its own
+position (and with its own LongRoPE factor list), so a sequence's tokens do not depend on what else
+is in the batch. A sequence that crosses the LongRoPE switch point is run again from position 0
+with the long factors (re-prefill, as transformers does; see rope.py for why re-rotating the
+cached keys is not enough). `stream_text()` wraps it for one sequence, turning tokens into text and stopping
+on stop strings.
+
+References: gpt-fast `generate.py` (prefill, decode_one_token), mlx-lm `generate.py::generate_step`,
+transformers `generation/logits_process.py` (top-p, min-p and repetition penalty semantics).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from .model import Phi3
+from .tokenizer import Tokenizer
+
+
+@dataclass
+class Sampling:
+    """Sampling settings. temperature 0 means greedy; top_k 0, top_p 1 and min_p 0 disable those filters."""
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+
+    def __post_init__(self):
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not 0 <= self.min_p < 1:
+            raise ValueError(f"min_p must be in [0, 1), got {self.min_p}")
+        if self.repetition_penalty <= 0:
+            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+
+
+def sample(logits: torch.Tensor, s: Sampling, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Next token ids (B,) from logits (B, V): greedy at temperature 0, else filtered softmax sampling."""
+    logits = logits.float()
+    if s.temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits / s.temperature
+    if s.top_k > 0:
+        kth = torch.topk(logits, min(s.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = logits.softmax(dim=-1)
+    if s.min_p > 0:  # keep tokens with p >= min_p * p_max
+        probs = probs.masked_fill(probs < s.min_p * probs.amax(dim=-1, keepdim=True), 0.0)
+    if s.top_p < 1:  # smallest set of most likely tokens whose mass reaches top_p
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        mass_before = sorted_p.cumsum(dim=-1) - sorted_p
+        sorted_p = sorted_p.masked_fill(mass_before >= s.top_p * sorted_p.sum(-1, keepdim=True), 0.0)
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """CTRL-style penalty (transformers' semantics): seen tokens' logits divided by p if > 0, else times p.
+
+    logits (B, V) float; seen (B, V) bool.
+    """
+    if penalty == 1.0:
+        return logits
+    penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
+    return torch.where(seen, penalised, logits)
+
+
+@torch.no_grad()
+def prefill(model: Phi3, prompt: torch.Tensor, row: int) -> torch.Tensor:
+    """Run one prompt (T,) into cache row `row`; return the logits (V,) of its last position."""
+    pos = torch.arange(prompt.numel(), device=prompt.device)
+    return model(prompt[None], pos[None], rows=slice(row, row + 1))[0, -1]
+
+
+@torch.no_grad()
+def decode_one(model: Phi3, tokens: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
+    """One step for every cache row: tokens (B,) at positions (B,) -> logits (B, V)."""
+    return model(tokens[:, None], input_pos[:, None])[:, -1]
+
+
+def generate(model: Phi3, prompts: Sequence[Sequence[int]], max_new_tokens: int, sampling: Sampling | None = None,
+             stop_ids: Sequence[int] = (), max_seq_len: int | None = None,
+             decode_fn=decode_one) -> Iterator[list[int | None]]:
+    """Yield, per step, the new token of each prompt (None once a sequence has finished).
+
+    A sequence finishes after emitting a stop id (which is yielded) or max_new_tokens tokens. The
+    cache holds max_seq_len positions (default: longest prompt + max_new_tokens); a sequence that
+    reaches it stops. `decode_fn` may be a compiled `decode_one`.
+    """
+    sampling = sampling or Sampling()
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token")
+    if max_new_tokens <= 0:
+        return
+    device = model.embed_tokens.weight.device
+    B = len(prompts)
+    longest = max(len(p) for p in prompts)
+    max_seq_len = max_seq_len or longest + max_new_tokens
+    if longest >= max_seq_len:
+        raise ValueError(f"prompt of {longest} tokens leaves no room in a context of {max_seq_len}")
+    for p in prompts:
+        if max(p) >= model.cfg.vocab_size or min(p) < 0:
+            raise ValueError(f"token id out of range for a vocabulary of {model.cfg.vocab_size}")
+    gen = torch.Generator(device=device).manual_seed(sampling.seed) if sampling.seed is not None else None
+    stop = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=device)
+
+    model.setup_cache(B, max_seq_len)
+    try:
+        seen = torch.zeros(B, model.cfg.vocab_size, dtype=torch.bool, device=device)
+        logits = torch.empty(B, model.cfg.vocab_size, device=device)
+        history = [list(p) for p in prompts]  # every row's tokens so far, for a re-prefill
+        for b, p in enumerate(prompts):
+            prompt = torch.tensor(list(p), dtype=torch.long, device=device)
+            seen[b, prompt] = True
+            logits[b] = prefill(model, prompt, b).float()
+        pos = torch.tensor([len(p) for p in prompts], dtype=torch.long, device=device)  # next position per row
+        done = torch.zeros(B, dtype=torch.bool, device=device)
+        for step in range(max_new_tokens):
+            logits = apply_repetition_penalty(logits, seen, sampling.repetition_penalty)
+            tok = sample(logits, sampling, gen)
+            seen[torch.arange(B), tok] = True
+            yield [None if d else t for d, t in zip(done.tolist(), tok.tolist())]
+            done |= torch.isin(tok, stop) | (pos >= max_seq_len)  # no cache slot left to decode tok
+            if bool(done.all()) or step == max_new_tokens - 1:
+                return
+            for b in torch.nonzero(~done).flatten().tolist():
+                history[b].append(int(tok[b]))
+            # a row crossing the LongRoPE switch point is run again from position 0 with the long factors
+            crossing = ~done & (model.rope.use_long(pos[:, None]) != model.cache_rope_long)
+            fresh = {b: prefill(model, torch.tensor(history[b], device=device), b).float()
+                     for b in torch.nonzero(crossing).flatten().tolist()}
+            # finished rows keep decoding a harmless dummy step at a fixed position
+            logits = decode_fn(model, tok, torch.where(done, pos - 1, pos)).float()
+            for b, row_logits in fresh.items():
+                logits[b] = row_logits
+            pos = torch.where(done, pos, pos + 1)
+    finally:
+        model.remove_cache()
+
+
+def stream_text(model: Phi3, tokenizer: Tokenizer, prompt_ids: Sequence[int], max_new_tokens: int,
+                sampling: Sampling | None = None, stop_ids: Sequence[int] = (), stop_strings: Sequence[str] = (),
+                max_seq_len: int | None = None, stats: dict | None = None) -> Iterator[str]:
+    """Yield the completion of one prompt as text pieces; stop ids and stop strings are not included.
+
+    Text that could be the start of a stop string is held back until it is ruled out. If `stats` is
+    a dict, it receives prompt_tokens, completion_tokens and finish_reason ("stop" or "length").
+    """
+    decoder = tokenizer.stream(skip_special_tokens=False)
+    stop_ids = set(stop_ids)
+    pending = ""
+    n = 0
+    finish = "length"
+    for (tok,) in generate(model, [prompt_ids], max_new_tokens, sampling, stop_ids, max_seq_len):
+        if tok is None:
+            break
+        n += 1
+        if tok in stop_ids:
+            finish = "stop"
+            break
+        pending += decoder.step(tok)
+        hit = min((pending.find(s) for s in stop_strings if s and s in pending), default=-1)
+        if hit >= 0:
+            pending, finish = pending[:hit], "stop"
+            break
+        keep = _partial_stop_len(pending, stop_strings)
+        if len(pending) > keep:
+            yield pending[:len(pending) - keep]
+            pending = pending[len(pending) - keep:]
+    else:
+        pending += decoder.flush()
+    if pending:
+        yield pending
+    if stats is not None:
+        stats.update(prompt_tokens=len(prompt_ids), completion_tokens=n, finish_reason=finish)
+
+
+def _partial_stop_len(text: str, stop_strings: Sequence[str]) -> int:
+    """Length of the longest suffix of text that is a proper prefix of some stop string."""
+    best = 0
+    for s in stop_strings:
+        for k in range(min(len(s) - 1, len(text)), best, -1):
+            if text.endswith(s[:k]):
+                best = k
+                break
+    return best

@@ -1,0 +1,186 @@
+"""The Phi-3 decoder (Phi-3-mini/medium, Phi-3.5-mini, Phi-4-mini): token ids in, logits out.
+
+It computes what transformers' `Phi3ForCausalLM` computes: pre-norm blocks with RMSNorm (fp32 inside),
+fused `qkv_proj` with grouped-query attention, rotate-half RoPE (partial on Phi-4-mini, LongRoPE on
+the 128k models, see rope.py), an optional sliding window, and a fused `gate_up_proj` SwiGLU MLP.
+Parameter names are HF's without the leading `model.`, so checkpoint conversion is a prefix strip.
+The model computes logits and nothing else: caching lives in kv_cache.py, sampling in generate.py.
+
+Notation: B batch, T tokens in this call, S keys attended (cached prefix + T), C model dim,
+H query heads, Hkv key/value heads, D head dim, d rotary dims (<= D), V vocabulary.
+
+References: Phi-3 Technical Report (arXiv 2404.14219); transformers `models/phi3/modeling_phi3.py`;
+nanoGPT `model.py`; gpt-fast `model.py`; ../shared/reference/phi-family.md section 2.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import Config
+from .kv_cache import KVCache
+from .rope import RotaryEmbedding, apply_rope
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # statistics in fp32, then back to the activation dtype *before* the weight multiply (as HF)
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        # one matmul yields [Q rows | K rows | V rows], each block head-major
+        self.qkv_proj = nn.Linear(cfg.dim, (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim, bias=False)
+        self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+        self.kv_cache: KVCache | None = None
+
+    def forward(self, x, cos, sin, mask, input_pos, rows):
+        B, T, _ = x.shape
+        q, k, v = self.qkv_proj(x).split(
+            [self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim, self.n_kv_heads * self.head_dim], dim=-1)
+        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)     # (B, H, T, D)
+        k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.kv_cache is not None:
+            k, v = self.kv_cache.update(rows, input_pos, k, v)  # (B, Hkv, S, D)
+        # softmax(q k^T / sqrt(D) + mask) v; each KV head serves H / Hkv neighbouring query heads
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_kv_heads != self.n_heads)
+        y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, H*D)
+        return self.o_proj(y)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.gate_up_proj = nn.Linear(cfg.dim, 2 * cfg.ffn_dim, bias=False)  # rows [gate | up]
+        self.down_proj = nn.Linear(cfg.ffn_dim, cfg.dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(up * F.silu(gate))  # SwiGLU
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, mask, input_pos, rows):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, input_pos, rows)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Phi3(nn.Module):
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.rope = RotaryEmbedding(cfg)
+        self.cache_rope_long: torch.Tensor | None = None  # (B_max,) LongRoPE list of each cached row: long?
+
+    def forward(self, idx: torch.Tensor, input_pos: torch.Tensor | None = None,
+                rows: slice | torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (B, T, V) for token ids idx (B, T).
+
+        input_pos: (T,) or (B, T) absolute positions, default 0..T-1. With a cache (setup_cache) the
+        keys and values are written at these positions and all earlier cached ones are attended.
+        rows: which cache rows (sequence slots) this batch is: a slice or index tensor, default 0..B-1.
+        """
+        B, T = idx.shape
+        if input_pos is None:
+            input_pos = torch.arange(T, device=idx.device)
+        input_pos = input_pos.expand(B, T) if input_pos.dim() == 1 else input_pos  # (B, T)
+        rows = slice(0, B) if rows is None else rows
+        use_long = self.rope.use_long(input_pos)  # (B,) LongRoPE list per sequence
+        if self.cache_rope_long is not None:
+            self._check_cache_rope(input_pos, use_long, rows)
+            S = int(input_pos.max()) + 1
+            if S > self.layers[0].self_attn.kv_cache.max_len:
+                raise ValueError(f"position {S - 1} is beyond the cache size {self.layers[0].self_attn.kv_cache.max_len}")
+        else:
+            S = T  # no cache: the keys are this call's tokens, at positions input_pos
+        cos, sin = self.rope(input_pos, use_long)
+        x = self.embed_tokens(idx)  # (B, T, C)
+        cos, sin = cos.to(x.dtype), sin.to(x.dtype)  # rotate in the activation dtype, as HF does
+        mask = self._mask(input_pos, S)
+        for block in self.layers:
+            x = block(x, cos, sin, mask, input_pos, rows)
+        return self.lm_head(self.norm(x))
+
+    def _mask(self, input_pos: torch.Tensor, S: int) -> torch.Tensor:
+        """(B, 1, T, S) bool: query at position p sees key slot j iff p - W < j <= p (W = sliding window)."""
+        if self.cache_rope_long is not None:
+            key_pos = torch.arange(S, device=input_pos.device)[None, None, :]  # cache slot j holds position j
+        else:
+            key_pos = input_pos[:, None, :]  # (B, 1, S): keys are this call's tokens
+        q_pos = input_pos[:, :, None]  # (B, T, 1)
+        mask = key_pos <= q_pos
+        if self.cfg.sliding_window is not None:
+            mask &= key_pos > q_pos - self.cfg.sliding_window
+        return mask[:, None]  # broadcast over heads
+
+    def setup_cache(self, batch: int, max_len: int, dtype: torch.dtype | None = None) -> None:
+        """Attach a static KV cache of `batch` sequence slots, `max_len` positions each."""
+        dtype = dtype or self.embed_tokens.weight.dtype
+        device = self.embed_tokens.weight.device
+        for block in self.layers:
+            block.self_attn.kv_cache = KVCache(batch, self.cfg.n_kv_heads, max_len, self.cfg.head_dim, dtype, device)
+        self.cache_rope_long = torch.zeros(batch, dtype=torch.bool, device=device)
+
+    def remove_cache(self) -> None:
+        for block in self.layers:
+            block.self_attn.kv_cache = None
+        self.cache_rope_long = None
+
+    def _check_cache_rope(self, input_pos: torch.Tensor, use_long: torch.Tensor, rows) -> None:
+        """Refuse a call that would mix LongRoPE lists within one cached sequence.
+
+        A sequence that grows past original_max_seq_len switches from the short to the long factor
+        list. Re-rotating its cached keys cannot make it consistent: from layer 1 on, the cached keys
+        and values were computed from hidden states that the short-factor attention produced. The
+        whole sequence must be run again from position 0 (what transformers does, and what
+        `generate()` does at the switch point).
+        """
+        stale = (self.cache_rope_long[rows] != use_long) & (input_pos.amin(dim=-1) > 0)
+        if bool(stale.any()):
+            raise ValueError("this call crosses the LongRoPE switch point (original_max_seq_len="
+                             f"{self.cfg.original_max_seq_len}) for a sequence whose cached prefix used the other factor "
+                             "list; re-run the whole sequence from position 0 (phikit.generate does this)")
+        self.cache_rope_long[rows] = use_long
+
+    def init_weights(self, seed: int | None = None) -> None:
+        """Pretraining init: N(0, 0.02) weights, unit norms; residual outputs scaled by 1/sqrt(2 n_layers).
+
+        The residual stream sums 2 * n_layers branch outputs (o_proj, down_proj), so scaling those
+        keeps its variance from growing with depth (GPT-2; nanoGPT `model.py`).
+        """
+        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        for name, p in self.named_parameters():
+            if p.dim() == 1:
+                nn.init.ones_(p)
+            else:
+                std = 0.02 / math.sqrt(2 * self.cfg.n_layers) if name.endswith(("o_proj.weight", "down_proj.weight")) else 0.02
+                nn.init.normal_(p, 0.0, std, generator=gen)

@@ -1,0 +1,139 @@
+"""Tokenizer: encode/decode with the checkpoint's own `tokenizer.json` (HF `tokenizers` library).
+
+The files read are the ones an HF checkpoint ships: `tokenizer.json` (required), and when present
+`tokenizer_config.json` (special tokens, chat template), `special_tokens_map.json`,
+`generation_config.json` (the eos ids that end generation) and `chat_template.jinja`.
+
+tokenizer.json is used as-is, which is what transformers does for a checkpoint directory (its
+`AutoTokenizer` loads it through `TokenizersBackend` when a Phi-3 `config.json` sits beside it).
+Note: transformers 5 rebuilds the pipeline from the class name (`GPT2Tokenizer`, `LlamaTokenizer`)
+when given a tokenizer-only directory, which changes Phi-4-mini's o200k pre-tokenization; we follow
+the file the model was trained with.
+
+Streaming: `StreamDecoder` turns ids into text pieces whose concatenation equals `decode(all ids)`,
+holding back incomplete UTF-8 sequences (byte-fallback tokens) until they complete.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from tokenizers import Tokenizer as _HFTokenizer
+
+
+class TokenizerError(ValueError):
+    """Tokenizer files that cannot be used; the message names the file."""
+
+
+def _read_json(path: Path) -> dict:
+    if not path.exists():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise TokenizerError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise TokenizerError(f"{path} must hold a JSON object")
+    return data
+
+
+def _token_str(value) -> str | None:
+    """Special tokens appear as plain strings or as AddedToken dicts {"content": ...}."""
+    if isinstance(value, dict):
+        return value.get("content")
+    return value
+
+
+class Tokenizer:
+    def __init__(self, directory: str | Path):
+        d = Path(directory)
+        path = d / "tokenizer.json"
+        if not path.exists():
+            raise TokenizerError(f"{d} has no tokenizer.json (phikit reads the fast-tokenizer file only; "
+                                 "save one with transformers' tokenizer.save_pretrained)")
+        try:
+            self.backend = _HFTokenizer.from_file(str(path))
+        except Exception as e:  # the Rust library raises a plain Exception with the parse error
+            raise TokenizerError(f"{path} could not be parsed: {e}") from None
+        self.config = _read_json(d / "tokenizer_config.json")
+        special_map = _read_json(d / "special_tokens_map.json")
+        gen = _read_json(d / "generation_config.json")
+
+        def special(name: str) -> str | None:
+            return _token_str(self.config.get(name)) or _token_str(special_map.get(name))
+
+        self.bos_token, self.eos_token = special("bos_token"), special("eos_token")
+        self.unk_token, self.pad_token = special("unk_token"), special("pad_token")
+        self.bos_id = self.token_to_id(self.bos_token)
+        self.eos_id = self.token_to_id(self.eos_token)
+
+        template = self.config.get("chat_template")
+        if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
+            template = next((t["template"] for t in template if t.get("name") == "default"), None)
+        if (d / "chat_template.jinja").exists():  # newer transformers save the template as its own file
+            template = (d / "chat_template.jinja").read_text(encoding="utf-8")
+        self.chat_template: str | None = template
+
+        gen_eos = gen.get("eos_token_id")
+        self.generation_eos_ids = [] if gen_eos is None else [gen_eos] if isinstance(gen_eos, int) else list(gen_eos)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.backend.get_vocab_size(with_added_tokens=True)
+
+    def token_to_id(self, token: str | None) -> int | None:
+        return None if token is None else self.backend.token_to_id(token)
+
+    def id_to_token(self, i: int) -> str | None:
+        return self.backend.id_to_token(i)
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        """Token ids for text. Special-token strings in text become their ids (as in chat templates)."""
+        return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
+        return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def stop_ids(self, template_markers: tuple[str, ...] = ()) -> set[int]:
+        """Ids that end generation: generation_config eos ids, the tokenizer's eos and template end markers."""
+        ids = set(self.generation_eos_ids)
+        for tok in (self.eos_token, *template_markers):
+            i = self.token_to_id(tok)
+            if i is not None:
+                ids.add(i)
+        return ids
+
+    def stream(self, skip_special_tokens: bool = False) -> "StreamDecoder":
+        return StreamDecoder(self, skip_special_tokens)
+
+
+class StreamDecoder:
+    """Incremental detokenizer: `step(id)` returns the new text (possibly ""); the pieces join to decode(ids).
+
+    Each step decodes a short window of already-emitted ids plus the new ones and emits only what the
+    window adds, so decoders that strip or merge at boundaries (SentencePiece's leading space, byte
+    fallback) see enough context. Text ending in U+FFFD (an unfinished UTF-8 sequence) is held back.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = False):
+        self.tok, self.skip = tokenizer, skip_special_tokens
+        self.ids: list[int] = []
+        self.prefix = 0  # window start
+        self.read = 0    # ids before this index are already emitted
+
+    def step(self, token_id: int) -> str:
+        self.ids.append(int(token_id))
+        before = self.tok.decode(self.ids[self.prefix:self.read], self.skip)
+        text = self.tok.decode(self.ids[self.prefix:], self.skip)
+        if len(text) > len(before) and not text.endswith("\ufffd") and text.startswith(before):
+            self.prefix, self.read = self.read, len(self.ids)
+            return text[len(before):]
+        return ""
+
+    def flush(self) -> str:
+        """Whatever is still held back (an incomplete byte sequence at the very end)."""
+        before = self.tok.decode(self.ids[self.prefix:self.read], self.skip)
+        text = self.tok.decode(self.ids[self.prefix:], self.skip)
+        self.prefix = self.read = len(self.ids)
+        return text[len(before):] if text.startswith(before) else text

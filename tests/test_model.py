@@ -1,0 +1,125 @@
+"""The model against transformers' Phi3ForCausalLM on tiny random-weight checkpoints of every preset."""
+
+import pytest
+import torch
+from tiny import ORIG, TESTED_PRESETS, VOCAB, WINDOW, tiny_config, write_checkpoint
+
+from phikit.checkpoint import load_model
+from phikit.generate import generate
+
+
+@pytest.fixture(scope="module", params=TESTED_PRESETS)
+def pair(request, tmp_path_factory):
+    """(preset, transformers model, phikit model loaded from the transformers checkpoint), float32."""
+    cfg = tiny_config(request.param)
+    path = tmp_path_factory.mktemp(request.param)
+    hf = write_checkpoint(cfg, path)
+    return request.param, hf, load_model(path)
+
+
+def test_tiny_configs_keep_preset_features():
+    cfgs = {p: tiny_config(p) for p in TESTED_PRESETS}
+    assert cfgs["phi-4-mini-instruct"].n_heads // cfgs["phi-4-mini-instruct"].n_kv_heads == 3
+    assert cfgs["phi-4-mini-instruct"].rotary_dim == 12 and cfgs["phi-4-mini-instruct"].tie_embeddings
+    assert cfgs["phi-3-medium-4k-instruct"].n_heads // cfgs["phi-3-medium-4k-instruct"].n_kv_heads == 4
+    assert cfgs["phi-3-mini-4k-instruct"].sliding_window == WINDOW
+    assert cfgs["phi-3.5-mini-instruct"].longrope and cfgs["phi-3.5-mini-instruct"].original_max_seq_len == ORIG
+
+
+@pytest.mark.parametrize("T", [ORIG - 3, 2 * ORIG + 5])  # below and above the LongRoPE switch / the window
+def test_logits_match_transformers(pair, T):
+    preset, hf, model = pair
+    ids = torch.randint(0, VOCAB, (2, T), generator=torch.Generator().manual_seed(T))
+    with torch.no_grad():
+        want = hf(ids).logits
+        got = model(ids)
+    assert got.shape == (2, T, VOCAB)
+    delta = (got - want).abs().max().item()
+    print(f"\n[parity] {preset} T={T}: max|delta| = {delta:.3e} (logit scale {want.abs().max().item():.1f})")
+    assert delta <= 1e-4
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_matches_transformers(request, dtype, tmp_path):
+    """Both libraries load the same checkpoint in bf16/fp16 (from_pretrained keeps HF's rope tables in fp32)."""
+    from transformers import Phi3ForCausalLM
+
+    cfg = tiny_config("phi-4-mini-instruct")  # GQA, partial rotary, LongRoPE, tied embeddings
+    write_checkpoint(cfg, tmp_path)
+    hf = Phi3ForCausalLM.from_pretrained(tmp_path, dtype=dtype).eval()
+    model = load_model(tmp_path, dtype=dtype)
+    assert model.embed_tokens.weight.dtype == dtype
+    ids = torch.randint(0, VOCAB, (1, 2 * ORIG + 5), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want, got = hf(ids).logits, model(ids)
+    assert got.dtype == want.dtype == dtype  # logits stay in the model dtype, as in transformers
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
+
+
+def test_greedy_generation_matches_transformers(pair):
+    """48 greedy tokens from a prompt shorter than ORIG: generation crosses the LongRoPE switch point."""
+    preset, hf, model = pair
+    prompt = torch.randint(0, VOCAB, (1, ORIG - 6), generator=torch.Generator().manual_seed(7))
+    hf.generation_config.eos_token_id = None
+    with torch.no_grad():
+        want = hf.generate(prompt, max_new_tokens=48, do_sample=False, pad_token_id=0)[0, prompt.shape[1]:].tolist()
+    got = [t for (t,) in generate(model, [prompt[0].tolist()], max_new_tokens=48)]
+    assert got == want
+
+
+def test_cached_decode_equals_full_forward_float64(pair):
+    """At every step, decoding with the cache gives the logits of a fresh full forward (float64)."""
+    preset, _, model = pair
+    model = model.double()
+    try:
+        ids = torch.randint(0, VOCAB, (1, 2 * ORIG + 4), generator=torch.Generator().manual_seed(3))
+        n_prompt = ORIG // 2
+        model.setup_cache(1, ids.shape[1])
+        with torch.no_grad():
+            cached = [model(ids[:, :n_prompt])[0, -1]]
+            for t in range(n_prompt, ids.shape[1]):
+                if model.cfg.longrope and t == ORIG:  # crossing the switch point: re-run from 0, as generate() does
+                    cached.append(model(ids[:, :t + 1])[0, -1])
+                else:
+                    cached.append(model(ids[:, t:t + 1], torch.tensor([t]))[0, -1])
+            model.remove_cache()
+            for i, t in enumerate(range(n_prompt, ids.shape[1] + 1)):
+                full = model(ids[:, :t])[0, -1]
+                torch.testing.assert_close(cached[i], full, atol=1e-10, rtol=0)
+    finally:
+        model.remove_cache()
+        model.float()
+
+
+def test_batch_of_mixed_lengths_equals_each_alone(pair):
+    preset, _, model = pair
+    g = torch.Generator().manual_seed(11)
+    short = torch.randint(0, VOCAB, (5,), generator=g).tolist()
+    long = torch.randint(0, VOCAB, (2 * ORIG + 3,), generator=g).tolist()  # already past the switch point
+    alone = [[t for (t,) in generate(model, [p], max_new_tokens=24)] for p in (short, long)]
+    together = list(zip(*generate(model, [short, long], max_new_tokens=24)))
+    assert [list(col) for col in together] == alone
+
+
+def test_allocated_context_does_not_change_tokens(pair):
+    preset, _, model = pair
+    prompt = torch.randint(0, VOCAB, (ORIG - 2,), generator=torch.Generator().manual_seed(5)).tolist()
+    runs = [[t for (t,) in generate(model, [prompt], max_new_tokens=20, max_seq_len=n)] for n in (40, 64, 300)]
+    assert runs[0] == runs[1] == runs[2]
+
+
+def test_crossing_the_switch_point_needs_a_rerun(pair):
+    """A cached sequence cannot switch LongRoPE lists mid-way: the model refuses, generate() re-prefills."""
+    preset, _, model = pair
+    if not model.cfg.longrope:
+        pytest.skip("preset has no LongRoPE")
+    ids = torch.randint(0, VOCAB, (1, ORIG + 1), generator=torch.Generator().manual_seed(2))
+    model.setup_cache(1, ORIG + 1)
+    try:
+        with torch.no_grad():
+            model(ids[:, :ORIG])  # short factors
+            with pytest.raises(ValueError, match="LongRoPE switch point"):
+                model(ids[:, ORIG:], torch.tensor([ORIG]))
+            model(ids)  # the whole sequence again from position 0: fine
+    finally:
+        model.remove_cache()
