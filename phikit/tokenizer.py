@@ -17,9 +17,13 @@ holding back incomplete UTF-8 sequences (byte-fallback tokens) until they comple
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 from tokenizers import Tokenizer as _HFTokenizer
+
+
+_BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")  # what tokenizers' ByteFallback decoder reads as one byte
 
 
 class TokenizerError(ValueError):
@@ -114,6 +118,10 @@ class StreamDecoder:
     Each step decodes a short window of already-emitted ids plus the new ones and emits only what the
     window adds, so decoders that strip or merge at boundaries (SentencePiece's leading space, byte
     fallback) see enough context. Text ending in U+FFFD (an unfinished UTF-8 sequence) is held back.
+    So is text after a byte-fallback token (<0xNN>): the ByteFallback decoder turns a whole run of
+    byte tokens into U+FFFD per byte when the run is not valid UTF-8, so a later byte can undo a
+    character the run already formed (<0x58> "X", then <0x58><0x82> "\ufffd\ufffd"). A special
+    token that decoding skips does not end a run, so it is held back too.
     """
 
     def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = False):
@@ -121,9 +129,13 @@ class StreamDecoder:
         self.ids: list[int] = []
         self.prefix = 0  # window start
         self.read = 0    # ids before this index are already emitted
+        self.skipped = {i for i, t in tokenizer.backend.get_added_tokens_decoder().items()
+                        if t.special} if skip_special_tokens else set()
 
     def step(self, token_id: int) -> str:
         self.ids.append(int(token_id))
+        if self.ids[-1] in self.skipped or _BYTE_TOKEN.fullmatch(self.tok.id_to_token(self.ids[-1]) or ""):
+            return ""  # the run of byte tokens may continue
         before = self.tok.decode(self.ids[self.prefix:self.read], self.skip)
         text = self.tok.decode(self.ids[self.prefix:], self.skip)
         if len(text) > len(before) and not text.endswith("\ufffd") and text.startswith(before):

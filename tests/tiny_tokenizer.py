@@ -76,7 +76,8 @@ def build(name: str, out_dir: Path, vocab_size: int = 300) -> Path:
             gen[key] = [remap.get(i, i) for i in v] if isinstance(v, list) else remap.get(v, v)
         (out_dir / "generation_config.json").write_text(json.dumps(gen, indent=2))
     # a config.json beside the tokenizer makes transformers load tokenizer.json as-is, as for a real checkpoint
-    (out_dir / "config.json").write_text(json.dumps({"model_type": "phi3", "vocab_size": len(vocab) + len(added)}))
+    if not (out_dir / "config.json").exists():
+        (out_dir / "config.json").write_text(json.dumps({"model_type": "phi3", "vocab_size": len(vocab) + len(added)}))
     return out_dir
 
 
