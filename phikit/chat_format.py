@@ -83,9 +83,11 @@ def family_template(family: str) -> str:
 
 
 def guess_family(tokenizer: Tokenizer) -> str:
-    """Built-in template for a checkpoint without one: Phi-4-mini's vocabulary has <|end|> at 200020."""
-    end = tokenizer.token_to_id("<|end|>")
-    return "phi-4-mini" if end is not None and end >= 100000 else "phi-3.5"
+    """Built-in template for a checkpoint without one: Phi-4-mini's tokenizer is byte-level BPE (o200k),
+    the Phi-3 family's is SentencePiece with byte fallback."""
+    from tokenizers import decoders
+
+    return "phi-4-mini" if isinstance(tokenizer.backend.decoder, decoders.ByteLevel) else "phi-3.5"
 
 
 def render(messages: list[dict], tokenizer: Tokenizer, add_generation_prompt: bool = True,

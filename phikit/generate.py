@@ -35,7 +35,7 @@ class Sampling:
     seed: int | None = None
 
     def __post_init__(self):
-        if self.temperature < 0:
+        if not self.temperature >= 0:  # written so that NaN fails too
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         if self.top_k < 0:
             raise ValueError(f"top_k must be >= 0, got {self.top_k}")
@@ -43,7 +43,7 @@ class Sampling:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if not 0 <= self.min_p < 1:
             raise ValueError(f"min_p must be in [0, 1), got {self.min_p}")
-        if self.repetition_penalty <= 0:
+        if not self.repetition_penalty > 0:
             raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
 
 
@@ -57,13 +57,14 @@ def sample(logits: torch.Tensor, s: Sampling, generator: torch.Generator | None 
         kth = torch.topk(logits, min(s.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     probs = logits.softmax(dim=-1)
-    if s.min_p > 0:  # keep tokens with p >= min_p * p_max
-        probs = probs.masked_fill(probs < s.min_p * probs.amax(dim=-1, keepdim=True), 0.0)
+    # top-k, top-p, then min-p: transformers' order (top-p measures mass before min-p removes any)
     if s.top_p < 1:  # smallest set of most likely tokens whose mass reaches top_p
         sorted_p, order = probs.sort(dim=-1, descending=True)
         mass_before = sorted_p.cumsum(dim=-1) - sorted_p
-        sorted_p = sorted_p.masked_fill(mass_before >= s.top_p * sorted_p.sum(-1, keepdim=True), 0.0)
+        sorted_p = sorted_p.masked_fill(mass_before >= s.top_p, 0.0)
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
+    if s.min_p > 0:  # keep tokens with p >= min_p * p_max
+        probs = probs.masked_fill(probs < s.min_p * probs.amax(dim=-1, keepdim=True), 0.0)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
@@ -164,6 +165,7 @@ def stream_text(model: Phi3, tokenizer: Tokenizer, prompt_ids: Sequence[int], ma
     pending = ""
     n = 0
     finish = "length"
+    hit = -1
     for (tok,) in generate(model, [prompt_ids], max_new_tokens, sampling, stop_ids, max_seq_len):
         if tok is None:
             break
@@ -172,20 +174,27 @@ def stream_text(model: Phi3, tokenizer: Tokenizer, prompt_ids: Sequence[int], ma
             finish = "stop"
             break
         pending += decoder.step(tok)
-        hit = min((pending.find(s) for s in stop_strings if s and s in pending), default=-1)
+        hit = _find_stop(pending, stop_strings)
         if hit >= 0:
-            pending, finish = pending[:hit], "stop"
             break
         keep = _partial_stop_len(pending, stop_strings)
         if len(pending) > keep:
             yield pending[:len(pending) - keep]
             pending = pending[len(pending) - keep:]
-    else:
+    if hit < 0:  # the decoder may still hold text (trailing byte tokens), which may finish a stop string
         pending += decoder.flush()
+        hit = _find_stop(pending, stop_strings)
+    if hit >= 0:
+        pending, finish = pending[:hit], "stop"
     if pending:
         yield pending
     if stats is not None:
         stats.update(prompt_tokens=len(prompt_ids), completion_tokens=n, finish_reason=finish)
+
+
+def _find_stop(text: str, stop_strings: Sequence[str]) -> int:
+    """Index of the earliest stop string in text, or -1."""
+    return min((text.find(s) for s in stop_strings if s and s in text), default=-1)
 
 
 def _partial_stop_len(text: str, stop_strings: Sequence[str]) -> int:

@@ -11,7 +11,7 @@ when given a tokenizer-only directory, which changes Phi-4-mini's o200k pre-toke
 the file the model was trained with.
 
 Streaming: `StreamDecoder` turns ids into text pieces whose concatenation equals `decode(all ids)`,
-holding back incomplete UTF-8 sequences (byte-fallback tokens) until they complete.
+holding back incomplete UTF-8 sequences, and runs of byte-fallback tokens until a non-byte token ends them.
 """
 
 from __future__ import annotations
