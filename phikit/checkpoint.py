@@ -3,7 +3,9 @@
 Our on-disk format *is* the HF layout (config.json, model.safetensors or shards plus
 model.safetensors.index.json, tokenizer files), so a directory saved here loads in transformers
 and vice versa. Converting names is a prefix strip: HF `model.layers.0.mlp.down_proj.weight` is our
-`layers.0.mlp.down_proj.weight`; `lm_head.weight` keeps its name and is absent when embeddings are tied.
+`layers.0.mlp.down_proj.weight`; `lm_head.weight` keeps its name and is absent when embeddings are
+tied. Llama checkpoints (`LlamaForCausalLM`) load into the same model: their separate q/k/v and
+gate/up tensors are fused on load and split on save (`hf_parts`).
 
 Loading builds the model on the meta device and assigns tensors straight from the memory-mapped
 files, cast only when the requested dtype differs, so a bf16 checkpoint is never copied to fp32.
@@ -43,12 +45,26 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be loaded; the message names the file and the tensor."""
 
 
-def hf_to_ours(name: str) -> str:
-    return name[len(HF_PREFIX):] if name.startswith(HF_PREFIX) else name
-
-
 def ours_to_hf(name: str) -> str:
     return name if name.startswith("lm_head.") else HF_PREFIX + name
+
+
+def hf_parts(cfg: Config, name: str, shape: tuple[int, ...]) -> list[tuple[str, tuple[int, ...]]]:
+    """The HF tensors (name, shape) that hold our parameter `name`, stacked along dim 0 in this order.
+
+    Phi-3 checkpoints store qkv_proj and gate_up_proj fused, as we do: one tensor each. Llama
+    checkpoints store q/k/v and gate/up apart; we fuse them on load (rows [q | k | v] and
+    [gate | up], the order Phi-3's fused tensors use) and split them again on save. HF's Llama
+    q/k rows are already in the rotate-half layout, so no permutation is needed.
+    """
+    hf = ours_to_hf(name)
+    if cfg.model_type == "llama":
+        if name.endswith("self_attn.qkv_proj.weight"):
+            rows = [cfg.n_heads * cfg.head_dim] + [cfg.n_kv_heads * cfg.head_dim] * 2
+            return [(hf.replace("qkv_proj", f"{p}_proj"), (r, shape[1])) for p, r in zip("qkv", rows)]
+        if name.endswith("mlp.gate_up_proj.weight"):
+            return [(hf.replace("gate_up_proj", f"{p}_proj"), (cfg.ffn_dim, shape[1])) for p in ("gate", "up")]
+    return [(hf, shape)]
 
 
 def resolve(path_or_id: str | os.PathLike, revision: str | None = None) -> Path:
@@ -121,34 +137,40 @@ def load_model(ckpt: str | os.PathLike, dtype: torch.dtype | None = None, revisi
     files = _weight_files(ckpt)
     with torch.device("meta"):
         model = Phi3(cfg)
-    expected = {ours_to_hf(k): tuple(v.shape) for k, v in model.state_dict().items()}
+    params = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     if cfg.tie_embeddings:
-        del expected["lm_head.weight"]  # tied: the file has no lm_head, logits use embed_tokens
+        del params["lm_head.weight"]  # tied: the file has no lm_head, logits use embed_tokens
+    parts = {name: hf_parts(cfg, name, shape) for name, shape in params.items()}
+    expected = {hf_name for p in parts.values() for hf_name, _ in p}
     for name, f in files.items():
         if name not in expected and not name.endswith(_IGNORED_SUFFIXES):
             raise CheckpointError(f"unexpected tensor {name!r} in {f.name} (not part of a {cfg.n_layers}-layer "
-                                  f"Phi-3 model with this config.json)")
-    missing = sorted(set(expected) - set(files))
+                                  f"{cfg.model_type} model with this config.json)")
+    missing = sorted(expected - set(files))
     if missing:
         raise CheckpointError(f"tensor {missing[0]!r} is missing from {ckpt}"
                               + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
 
     state: dict[str, torch.Tensor] = {}
     handles = {}
-    for name, shape in expected.items():
-        f = files[name]
-        if f not in handles:
-            handles[f] = _open(f)
-        try:
-            t = handles[f].get_tensor(name)  # memory-mapped: no read until first use
-        except (SafetensorError, OSError) as e:
-            raise CheckpointError(f"cannot read tensor {name!r} from {f.name}: {e}") from None
-        if tuple(t.shape) != shape:
-            raise CheckpointError(f"tensor {name!r} in {f.name} has shape {tuple(t.shape)}, expected {shape} "
-                                  f"for this config.json")
-        if not t.is_floating_point():
-            raise CheckpointError(f"tensor {name!r} in {f.name} has dtype {t.dtype}, expected a float type")
-        state[hf_to_ours(name)] = t if dtype is None or t.dtype == dtype else t.to(dtype)
+    for ours, hf_tensors in parts.items():
+        pieces = []
+        for name, shape in hf_tensors:
+            f = files[name]
+            if f not in handles:
+                handles[f] = _open(f)
+            try:
+                t = handles[f].get_tensor(name)  # memory-mapped: no read until first use
+            except (SafetensorError, OSError) as e:
+                raise CheckpointError(f"cannot read tensor {name!r} from {f.name}: {e}") from None
+            if tuple(t.shape) != shape:
+                raise CheckpointError(f"tensor {name!r} in {f.name} has shape {tuple(t.shape)}, expected {shape} "
+                                      f"for this config.json")
+            if not t.is_floating_point():
+                raise CheckpointError(f"tensor {name!r} in {f.name} has dtype {t.dtype}, expected a float type")
+            pieces.append(t)
+        t = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+        state[ours] = t if dtype is None or t.dtype == dtype else t.to(dtype)
     if cfg.tie_embeddings:
         state["lm_head.weight"] = state["embed_tokens.weight"]
     model.load_state_dict(state, assign=True, strict=True)
@@ -168,9 +190,14 @@ def save(model: Phi3, out_dir: str | os.PathLike, tokenizer_dir: str | os.PathLi
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
     cfg = model.cfg
-    tensors = {ours_to_hf(k): v.detach().contiguous() for k, v in model.state_dict().items()}
-    if cfg.tie_embeddings:
-        del tensors["lm_head.weight"]
+    tensors = {}
+    for name, t in model.state_dict().items():
+        if name == "lm_head.weight" and cfg.tie_embeddings:
+            continue  # tied: written once, as embed_tokens
+        pieces = hf_parts(cfg, name, tuple(t.shape))
+        rows = [shape[0] for _, shape in pieces]
+        for (hf_name, _), piece in zip(pieces, t.detach().split(rows)):
+            tensors[hf_name] = piece.contiguous()
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
     for name, t in tensors.items():

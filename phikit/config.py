@@ -44,7 +44,13 @@ HF_KEYS = {
     "torch_dtype": "torch_dtype",
 }
 REQUIRED_HF_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
-SUPPORTED_MODEL_TYPES = ("phi3",)
+# model_type -> HF architecture class. Llama is the same decoder with separate q/k/v and gate/up
+# tensors in its checkpoints (fused at load, see checkpoint.py) and never LongRoPE or a window.
+ARCHITECTURES = {"phi3": "Phi3ForCausalLM", "llama": "LlamaForCausalLM"}
+SUPPORTED_MODEL_TYPES = tuple(ARCHITECTURES)
+# HF class defaults that differ from Phi-3's, for keys a config.json may omit
+_DEFAULTS = {"llama": {"rms_norm_eps": 1e-6, "eos_token_id": 2, "pad_token_id": None,
+                       "max_position_embeddings": 2048}}
 # HF keys we read but do not store as fields, or that only describe HF's own runtime.
 _HF_CONSUMED = set(HF_KEYS.values()) | {
     "model_type", "architectures", "rope_scaling", "rope_parameters", "rope_theta",
@@ -77,6 +83,7 @@ class Config:
     eos_token_id: int | list[int] | None = 32000
     pad_token_id: int | None = 32000
     torch_dtype: str = "bfloat16"     # dtype of the released weights
+    model_type: str = "phi3"          # "llama": same decoder, checkpoints store q/k/v and gate/up apart
     hf_extra: dict = field(default_factory=dict, repr=False, compare=False)  # unmodelled keys, kept for to_hf
 
     def __post_init__(self):
@@ -160,11 +167,16 @@ class Config:
             if hf.get(key):
                 raise ConfigError(f"unsupported {key}=true (Phi-3-architecture models have no biases)")
 
-        kw = {ours: hf[theirs] for ours, theirs in HF_KEYS.items() if hf.get(theirs) is not None}
+        hf = _DEFAULTS.get(model_type, {}) | hf
+        # an explicit null means "none" for token ids and the window; elsewhere it means "the default"
+        nullable = {"bos_token_id", "eos_token_id", "pad_token_id", "sliding_window"}
+        kw = {ours: hf[theirs] for ours, theirs in HF_KEYS.items()
+              if theirs in hf and (hf[theirs] is not None or theirs in nullable)}
+        kw["model_type"] = model_type
         kw.setdefault("n_kv_heads", hf["num_attention_heads"])  # HF: None means plain multi-head attention
         if "dtype" in hf and "torch_dtype" not in hf:           # transformers 5 renamed the key
             kw["torch_dtype"] = hf["dtype"]
-        kw["sliding_window"] = hf.get("sliding_window")         # explicit null means no window
+        kw["sliding_window"] = hf.get("sliding_window")         # absent: no window (HF's default)
 
         # rope: transformers 5 nests everything in rope_parameters; 4 uses top-level keys + rope_scaling
         rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
@@ -172,8 +184,10 @@ class Config:
         kw["rotary_frac"] = float(rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0)))
         if "original_max_position_embeddings" not in hf and "original_max_position_embeddings" in rope:
             kw["original_max_seq_len"] = rope["original_max_position_embeddings"]
+        if model_type == "llama":
+            kw["original_max_seq_len"] = kw["max_seq_len"]  # no LongRoPE: nothing to switch
         rope_type = rope.get("rope_type", rope.get("type", "default"))
-        if rope_type in ("longrope", "su"):  # "su" is the April 2024 name of LongRoPE
+        if rope_type in ("longrope", "su") and model_type == "phi3":  # "su" is the April 2024 name of LongRoPE
             for key in ("short_factor", "long_factor"):
                 if not isinstance(rope.get(key), list):
                     raise ConfigError(f"rope_scaling type {rope_type!r} is missing the required field {key!r}")
@@ -185,7 +199,8 @@ class Config:
                 if rope.get(key) is not None:
                     kw[f"rope_{key}"] = float(rope[key])
         elif rope_type != "default":
-            raise ConfigError(f"unsupported rope_scaling type {rope_type!r} (phikit supports longrope/su)")
+            raise ConfigError(f"unsupported rope_scaling type {rope_type!r} for model_type {model_type!r} "
+                              "(phikit supports plain RoPE, and longrope/su for phi3)")
 
         kw["hf_extra"] = {k: v for k, v in hf.items() if k not in _HF_CONSUMED}
         return cls(**kw)
@@ -204,13 +219,17 @@ class Config:
     def to_hf(self) -> dict:
         """The config as a transformers-4-style config.json dict (also read by transformers 5)."""
         hf = dict(self.hf_extra)
-        hf.update(architectures=["Phi3ForCausalLM"], model_type="phi3", hidden_act="silu")
+        hf.update(architectures=[ARCHITECTURES[self.model_type]], model_type=self.model_type, hidden_act="silu")
         for ours, theirs in HF_KEYS.items():
             hf[theirs] = getattr(self, ours)
+        if self.model_type == "llama":  # keys that only Phi-3 has
+            for key in ("original_max_position_embeddings", "sliding_window"):
+                del hf[key]
         if self.head_dim == self.dim // self.n_heads:
             del hf["head_dim"]  # derived; older transformers versions do not know the key
         hf["rope_theta"] = self.rope_theta
-        hf["partial_rotary_factor"] = self.rotary_frac
+        if self.rotary_frac != 1.0 or self.model_type == "phi3":
+            hf["partial_rotary_factor"] = self.rotary_frac
         hf["rope_scaling"] = None
         if self.longrope:
             scaling = {"type": "longrope", "short_factor": self.rope_short_factor, "long_factor": self.rope_long_factor}
