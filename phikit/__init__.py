@@ -21,7 +21,15 @@ __version__ = "0.1.0"
 
 
 def load(path_or_id: str | os.PathLike, dtype=None, revision: str | None = None) -> tuple[Phi3, Tokenizer | None]:
-    """(model, tokenizer) from a checkpoint directory or hub id; tokenizer is None if the checkpoint has none."""
+    """(model, tokenizer) from a checkpoint directory, a hub id or a .gguf file.
+
+    The tokenizer is None if a checkpoint directory has no tokenizer.json. GGUF weights are
+    dequantized to dtype (default float32).
+    """
+    if str(path_or_id).lower().endswith(".gguf"):
+        from .gguf_io import load_gguf
+
+        return load_gguf(path_or_id, dtype=dtype)
     ckpt = resolve(path_or_id, revision)
     model = load_model(ckpt, dtype=dtype)
     tokenizer = Tokenizer(ckpt) if (ckpt / "tokenizer.json").exists() else None

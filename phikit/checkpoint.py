@@ -33,10 +33,6 @@ from .model import Phi3
 HF_PREFIX = "model."
 INDEX_FILE = "model.safetensors.index.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
-# tokenizer and generation files copied alongside the weights on save
-SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
-              "added_tokens.json", "tokenizer.model", "chat_template.jinja", "chat_template.json",
-              "vocab.json", "merges.txt")
 # tensors some checkpoints carry that are derived, not learned: skipped on load
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
@@ -179,13 +175,12 @@ def load_model(ckpt: str | os.PathLike, dtype: torch.dtype | None = None, revisi
     return model.eval()
 
 
-def save(model: Phi3, out_dir: str | os.PathLike, tokenizer_dir: str | os.PathLike | None = None,
-         max_shard_bytes: int = 5 * 1024**3) -> Path:
+def save(model: Phi3, out_dir: str | os.PathLike, tokenizer=None, max_shard_bytes: int = 5 * 1024**3) -> Path:
     """Write config.json and safetensors weights (sharded with an index beyond max_shard_bytes), HF names.
 
     Files are written to a temporary directory next to out_dir and moved into place, so an
     interrupted save never leaves a half-written checkpoint behind. Tokenizer and generation files
-    from tokenizer_dir are copied alongside.
+    are written by `tokenizer.save` (a phikit Tokenizer) when one is given.
     """
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -223,11 +218,8 @@ def save(model: Phi3, out_dir: str | os.PathLike, tokenizer_dir: str | os.PathLi
             total = sum(t.numel() * t.element_size() for t in tensors.values())
             (tmp / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
                                                      indent=2) + "\n")
-        if tokenizer_dir is not None:
-            for fname in SIDE_FILES:
-                src = Path(tokenizer_dir) / fname
-                if src.exists():
-                    shutil.copy2(src, tmp / fname)
+        if tokenizer is not None:
+            tokenizer.save(tmp)
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)

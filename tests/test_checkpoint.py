@@ -44,7 +44,7 @@ def test_save_round_trip_and_transformers_reads_it(ckpt, tmp_path, max_shard_byt
 
     path, hf = ckpt
     model = load_model(path)
-    out = save(model, tmp_path / "saved", tokenizer_dir=path, max_shard_bytes=max_shard_bytes)
+    out = save(model, tmp_path / "saved", max_shard_bytes=max_shard_bytes)
     assert ((out / "model.safetensors.index.json").exists()) == (max_shard_bytes < 5 * 1024**3)
     names = set()
     for f in out.glob("*.safetensors"):

@@ -37,9 +37,13 @@ def test_help_lists_every_command():
 def test_each_command_explains_its_flags(command):
     out = run(command, "--help")
     assert out.returncode == 0
-    for flag in ("--model", "--dtype", "--threads", "--max-new-tokens", "--temperature", "--top-p", "--top-k",
-                 "--seed", "--system"):
-        assert flag in out.stdout
+    flags = ["--model", "--dtype", "--threads", "--revision"]
+    if command in ("generate", "chat"):
+        flags += ["--max-new-tokens", "--temperature", "--top-p", "--top-k", "--min-p", "--seed", "--stop", "--system"]
+    if command == "convert":
+        flags += ["--to", "--out", "--type"]
+    for flag in flags:
+        assert flag in out.stdout, flag
     assert "default" in out.stdout
 
 

@@ -51,6 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
+    sys.stdout.flush()
     if args.verbose:
         dt = time.perf_counter() - t0
         n = stats.get("completion_tokens", 0)

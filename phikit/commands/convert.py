@@ -1,0 +1,45 @@
+"""`phikit convert`: any loadable checkpoint -> a GGUF file (for llama.cpp / Ollama) or an HF directory."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from ..cli import add_model_args, load_from
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="phikit convert",
+        description="Convert a checkpoint (HF directory, hub id or .gguf file) to a GGUF file that llama.cpp "
+                    "runs, or to a Hugging Face safetensors directory.")
+    add_model_args(p)
+    p.add_argument("--to", required=True, choices=("gguf", "hf"), help="output format (required)")
+    p.add_argument("--out", required=True, help="output .gguf file, or directory for --to hf (required)")
+    p.add_argument("--type", default="f16", choices=("f16", "q8_0", "q4_0"),
+                   help="GGUF type of the weight matrices; norms stay F32 (default: f16)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    t0 = time.perf_counter()
+    model, tokenizer = load_from(args)
+
+    from ..checkpoint import save
+    from ..gguf_io import GGUFError, save_gguf
+
+    try:
+        if args.to == "gguf":
+            out = save_gguf(model, tokenizer, args.out, args.type)
+        else:
+            out = save(model, args.out, tokenizer)
+    except (GGUFError, OSError) as e:
+        sys.exit(f"phikit: {e}")
+    print(f"[phikit] wrote {out} in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
