@@ -210,32 +210,79 @@ def test_unknown_architecture(tmp_path):
         load_gguf(_write(tmp_path / "m.gguf", arch="mamba"))
 
 
-def test_unsupported_tensor_type(exported, tmp_path):
+def _rewrite(src: Path, dst: Path, replace) -> Path:
+    """Copy a GGUF file, letting replace(tensor) return (data, raw_dtype) for tensors to store differently."""
     import gguf
-    from gguf import GGMLQuantizationType
 
-    model, tok, _ = exported
-    path = save_gguf(model, tok, tmp_path / "m.gguf", "f16")
-    reader = gguf.GGUFReader(str(path))
-    w = gguf.GGUFWriter(str(tmp_path / "q5.gguf"), "phi3")
-    for field in reader.fields.values():  # copy the metadata
+    reader = gguf.GGUFReader(str(src))
+    w = gguf.GGUFWriter(str(dst), str(reader.fields["general.architecture"].contents()))
+    for field in reader.fields.values():  # the metadata, as it is
         if field.name.startswith(("GGUF.", "general.architecture")):
             continue
         w.add_key_value(field.name, field.contents(), field.types[0],
                         field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None)
     for t in reader.tensors:
-        if t.name == "output_norm.weight":  # an F32 vector re-labelled as Q5_K bytes of the right size
-            block_bytes = gguf.GGML_QUANT_SIZES[GGMLQuantizationType.Q5_K][1]
-            w.add_tensor(t.name, np.zeros((1, block_bytes), dtype=np.uint8), raw_dtype=GGMLQuantizationType.Q5_K)
+        new = replace(t)
+        if new is None:
+            new = (np.asarray(t.data), gguf.GGMLQuantizationType(t.tensor_type))
+            w.add_tensor(t.name, new[0], raw_shape=list(reversed(t.shape.tolist())), raw_dtype=new[1])
         else:
-            w.add_tensor(t.name, np.asarray(t.data), raw_shape=list(reversed(t.shape.tolist())),
-                         raw_dtype=GGMLQuantizationType(t.tensor_type))
+            w.add_tensor(t.name, new[0], raw_dtype=new[1])
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
+    return dst
+
+
+def _k_quant_blocks(t, qtype, rng):
+    """Random but valid Q4_K / Q6_K bytes for tensor t (fp16 block scales set to small finite values)."""
+    from gguf import GGML_QUANT_SIZES
+
+    block, nbytes = GGML_QUANT_SIZES[qtype]
+    rows, cols = int(t.shape[1]), int(t.shape[0])
+    data = rng.integers(0, 256, (rows, cols // block, nbytes), dtype=np.uint8)
+    scale = np.frombuffer(np.float16(0.004).tobytes(), np.uint8)
+    if qtype.name == "Q4_K":  # d, dmin first
+        data[..., 0:2], data[..., 2:4] = scale, scale
+    else:  # Q6_K: d last
+        data[..., -2:] = scale
+    return data.reshape(rows, -1), qtype
+
+
+def test_k_quants_import_like_transformers(tmp_path):
+    """Q4_K and Q6_K matrices (llama.cpp's common types) are read as transformers reads them."""
+    from gguf import GGMLQuantizationType
+    from transformers import AutoModelForCausalLM
+
+    from phikit.config import Config
+
+    cfg = Config.from_hf({"model_type": "llama", "vocab_size": VOCAB, "hidden_size": 256, "intermediate_size": 512,
+                          "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2})
+    model = phikit.Phi3(cfg)  # K-quant blocks hold 256 values: rows of 256 and 512
+    model.init_weights(seed=0)
+    src = save_gguf(model, None, tmp_path / "f16.gguf", "f16")
+    rng = np.random.default_rng(0)
+    kinds = [GGMLQuantizationType.Q4_K, GGMLQuantizationType.Q6_K]
+    counter = iter(range(10**6))
+    path = _rewrite(src, tmp_path / "k.gguf",
+                    lambda t: _k_quant_blocks(t, kinds[next(counter) % 2], rng) if len(t.shape) == 2 else None)
+    ours, _ = load_gguf(path)
+    theirs = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="k.gguf", dtype=torch.float32).eval()
+    ids = torch.randint(0, VOCAB, (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids), theirs(ids).logits, atol=1e-4, rtol=1e-4)
+
+
+def test_unsupported_tensor_type(exported, tmp_path):
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    model, tok, files = exported
+    q5 = GGMLQuantizationType.Q5_K  # a type phikit does not read: the norm vector re-labelled as Q5_K bytes
+    path = _rewrite(files["f16"], tmp_path / "q5.gguf", lambda t: (
+        np.zeros((1, GGML_QUANT_SIZES[q5][1]), dtype=np.uint8), q5) if t.name == "output_norm.weight" else None)
     with pytest.raises(GGUFError, match="tensor 'output_norm.weight' has type Q5_K, which phikit does not read"):
-        load_gguf(tmp_path / "q5.gguf")
+        load_gguf(path)
 
 
 def test_missing_file():
