@@ -1,0 +1,1 @@
+"""Data pipeline: documents -> filtered, deduplicated corpus -> tokenizer -> packed token shards."""
