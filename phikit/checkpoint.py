@@ -133,8 +133,16 @@ def load_model(ckpt: str | os.PathLike, dtype: torch.dtype | None = None, revisi
     files = _weight_files(ckpt)
     with torch.device("meta"):
         model = Phi3(cfg)
-    params = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    if cfg.tie_embeddings:
+        if cfg.quantization is not None:  # rebuild the quantized structure, then load its buffers
+            from .quantize import quantize_model
+
+            q = cfg.quantization
+            quantize_model(model, q["bits"], q["group_size"], q.get("symmetric", False), tuple(q.get("keep_8bit", ())),
+                           q.get("embedding_bits", 8))
+    meta_state = model.state_dict()
+    params = {k: tuple(v.shape) for k, v in meta_state.items()}
+    tied = cfg.tie_embeddings and "lm_head.weight" in params  # a quantized model unties its lm_head
+    if tied:
         del params["lm_head.weight"]  # tied: the file has no lm_head, logits use embed_tokens
     parts = {name: hf_parts(cfg, name, shape) for name, shape in params.items()}
     expected = {hf_name for p in parts.values() for hf_name, _ in p}
@@ -162,15 +170,19 @@ def load_model(ckpt: str | os.PathLike, dtype: torch.dtype | None = None, revisi
             if tuple(t.shape) != shape:
                 raise CheckpointError(f"tensor {name!r} in {f.name} has shape {tuple(t.shape)}, expected {shape} "
                                       f"for this config.json")
-            if not t.is_floating_point():
-                raise CheckpointError(f"tensor {name!r} in {f.name} has dtype {t.dtype}, expected a float type")
+            want = meta_state[ours].dtype
+            if t.is_floating_point() != want.is_floating_point or (not want.is_floating_point and t.dtype != want):
+                raise CheckpointError(f"tensor {name!r} in {f.name} has dtype {t.dtype}, expected "
+                                      f"{'a float type' if want.is_floating_point else want}")
             pieces.append(t)
         t = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
-        state[ours] = t if dtype is None or t.dtype == dtype else t.to(dtype)
-    if cfg.tie_embeddings:
+        # quantized codes and their bf16 scales keep their dtype; only plain float weights are cast
+        cast = dtype is not None and t.is_floating_point() and not ours.endswith(("scales", "scales_and_zeros"))
+        state[ours] = t.to(dtype) if cast and t.dtype != dtype else t
+    if tied:
         state["lm_head.weight"] = state["embed_tokens.weight"]
     model.load_state_dict(state, assign=True, strict=True)
-    if cfg.tie_embeddings:
+    if tied:
         model.lm_head.weight = model.embed_tokens.weight  # assign=True replaced the shared Parameter: re-tie
     return model.eval()
 
@@ -187,7 +199,7 @@ def save(model: Phi3, out_dir: str | os.PathLike, tokenizer=None, max_shard_byte
     cfg = model.cfg
     tensors = {}
     for name, t in model.state_dict().items():
-        if name == "lm_head.weight" and cfg.tie_embeddings:
+        if name == "lm_head.weight" and cfg.tie_embeddings and cfg.quantization is None:
             continue  # tied: written once, as embed_tokens
         pieces = hf_parts(cfg, name, tuple(t.shape))
         rows = [shape[0] for _, shape in pieces]
@@ -205,7 +217,7 @@ def save(model: Phi3, out_dir: str | os.PathLike, tokenizer=None, max_shard_byte
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         hf = cfg.to_hf()
-        hf["torch_dtype"] = str(next(iter(tensors.values())).dtype).removeprefix("torch.")
+        hf["torch_dtype"] = str(model.norm.weight.dtype).removeprefix("torch.")  # norms are never quantized
         (tmp / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
         if len(shards) == 1:
             save_file(shards[0], str(tmp / "model.safetensors"), metadata={"format": "pt"})

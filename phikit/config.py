@@ -55,7 +55,7 @@ _DEFAULTS = {"llama": {"rms_norm_eps": 1e-6, "eos_token_id": 2, "pad_token_id": 
 _HF_CONSUMED = set(HF_KEYS.values()) | {
     "model_type", "architectures", "rope_scaling", "rope_parameters", "rope_theta",
     "partial_rotary_factor", "hidden_act", "attention_bias", "mlp_bias", "lm_head_bias",
-    "dtype", "transformers_version", "quantization",
+    "dtype", "transformers_version", "phikit_quantization",
 }
 
 
@@ -84,6 +84,7 @@ class Config:
     pad_token_id: int | None = 32000
     torch_dtype: str = "bfloat16"     # dtype of the released weights
     model_type: str = "phi3"          # "llama": same decoder, checkpoints store q/k/v and gate/up apart
+    quantization: dict | None = None  # weight-only quantization settings (quantize.py), None for float
     hf_extra: dict = field(default_factory=dict, repr=False, compare=False)  # unmodelled keys, kept for to_hf
 
     def __post_init__(self):
@@ -202,6 +203,8 @@ class Config:
             raise ConfigError(f"unsupported rope_scaling type {rope_type!r} for model_type {model_type!r} "
                               "(phikit supports plain RoPE, and longrope/su for phi3)")
 
+        if hf.get("phikit_quantization") is not None:
+            kw["quantization"] = dict(hf["phikit_quantization"])
         kw["hf_extra"] = {k: v for k, v in hf.items() if k not in _HF_CONSUMED}
         return cls(**kw)
 
@@ -227,6 +230,8 @@ class Config:
                 del hf[key]
         if self.head_dim == self.dim // self.n_heads:
             del hf["head_dim"]  # derived; older transformers versions do not know the key
+        if self.quantization is not None:
+            hf["phikit_quantization"] = self.quantization
         hf["rope_theta"] = self.rope_theta
         if self.rotary_frac != 1.0 or self.model_type == "phi3":
             hf["partial_rotary_factor"] = self.rotary_frac

@@ -106,7 +106,7 @@ def generate(model: Phi3, prompts: Sequence[Sequence[int]], max_new_tokens: int,
         raise ValueError("every prompt needs at least one token")
     if max_new_tokens <= 0:
         return
-    device = model.embed_tokens.weight.device
+    device = model.norm.weight.device
     B = len(prompts)
     longest = max(len(p) for p in prompts)
     max_seq_len = max_seq_len or longest + max_new_tokens

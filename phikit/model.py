@@ -123,7 +123,7 @@ class Phi3(nn.Module):
         else:
             S = T  # no cache: the keys are this call's tokens, at positions input_pos
         cos, sin = self.rope(input_pos, use_long)
-        x = self.embed_tokens(idx)  # (B, T, C)
+        x = self.embed_tokens(idx).to(self.norm.weight.dtype)  # (B, T, C); the cast matters for a quantized table
         cos, sin = cos.to(x.dtype), sin.to(x.dtype)  # rotate in the activation dtype, as HF does
         mask = self._mask(input_pos, S)
         for block in self.layers:
@@ -144,8 +144,8 @@ class Phi3(nn.Module):
 
     def setup_cache(self, batch: int, max_len: int, dtype: torch.dtype | None = None) -> None:
         """Attach a static KV cache of `batch` sequence slots, `max_len` positions each."""
-        dtype = dtype or self.embed_tokens.weight.dtype
-        device = self.embed_tokens.weight.device
+        dtype = dtype or self.norm.weight.dtype  # the activation dtype (norms are never quantized)
+        device = self.norm.weight.device
         for block in self.layers:
             block.self_attn.kv_cache = KVCache(batch, self.cfg.n_kv_heads, max_len, self.cfg.head_dim, dtype, device)
         self.cache_rope_long = torch.zeros(batch, dtype=torch.bool, device=device)

@@ -1,0 +1,168 @@
+"""`phikit quantize`: write a 4-bit or 8-bit weight-only quantized checkpoint, gated on quality.
+
+From a safetensors checkpoint the work streams one matrix at a time: each float tensor is read
+from the file into a temporary buffer (not memory-mapped, so it leaves no resident pages behind),
+quantized and dropped, and peak memory stays near the size of the quantized model plus one
+matrix. A GGUF input is loaded whole (it is usually small already).
+
+With --check, the quantized model is compared with the float one on held-out text
+(phikit/eval/heldout.txt): perplexity, mean KL divergence and top-1 agreement. It must reach
+top-1 >= 99% at 8 bits and >= 90% at 4 bits, or nothing is written (unless --force).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import struct
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from ..cli import DTYPES, add_model_args, load_from
+
+GATE = {8: 0.99, 4: 0.90}  # minimum top-1 agreement with the float model
+_SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="phikit quantize",
+        description="Quantize a checkpoint's weights to 4 or 8 bits and write a checkpoint that phikit.load, "
+                    "generate, chat and serve read directly.")
+    add_model_args(p)
+    p.add_argument("--out", required=True, help="output checkpoint directory (required)")
+    p.add_argument("--bits", type=int, default=4, choices=(4, 8), help="bits per weight (default: 4)")
+    p.add_argument("--group-size", type=int, default=32, choices=(32, 64, 128),
+                   help="weights per int4 scale/zero group (default: 32)")
+    p.add_argument("--symmetric", action="store_true", help="symmetric int4 groups, no zero point (default: off)")
+    p.add_argument("--keep-8bit", default="", metavar="NAMES",
+                   help="comma-separated layers kept at 8 bits, e.g. down_proj,lm_head (default: none)")
+    p.add_argument("--check", action="store_true",
+                   help="measure perplexity, KL and top-1 agreement against the float model on held-out text, "
+                        "and refuse to write a checkpoint that fails the gate (default: off)")
+    p.add_argument("--force", action="store_true", help="write even if the --check gate fails (default: off)")
+    return p
+
+
+def _safetensors_reader(files: dict[str, Path]):
+    """read(name) -> tensor, copying the bytes out of the file (no memory map)."""
+    headers = {}
+
+    def read(name: str) -> torch.Tensor:
+        f = files[name]
+        if f not in headers:
+            with open(f, "rb") as fh:
+                (n,) = struct.unpack("<Q", fh.read(8))
+                headers[f] = (8 + n, json.loads(fh.read(n)))
+        base, meta = headers[f]
+        info = meta[name]
+        start, end = info["data_offsets"]
+        buf = bytearray(end - start)
+        with open(f, "rb") as fh:
+            fh.seek(base + start)
+            if fh.readinto(buf) != len(buf):
+                raise ValueError(f"{f} is truncated at tensor {name!r}")
+        return torch.frombuffer(buf, dtype=_SAFETENSORS_DTYPES[info["dtype"]]).reshape(info["shape"])
+
+    return read
+
+
+def quantize_streaming(ckpt: Path, bits: int, group_size: int, symmetric: bool, keep_8bit: tuple[str, ...],
+                       dtype: torch.dtype | None):
+    """A quantized Phi3 built from an HF safetensors directory, one float matrix in memory at a time."""
+    from tqdm import tqdm
+
+    from ..checkpoint import _weight_files, hf_parts
+    from ..config import Config
+    from ..model import Phi3
+    from ..quantize import Int4Linear, Int8Embedding, Int8Linear, quantize_model
+
+    cfg = Config.from_file(ckpt / "config.json")
+    if cfg.quantization is not None:
+        raise ValueError(f"{ckpt} is already quantized ({cfg.quantization})")
+    read = _safetensors_reader(_weight_files(ckpt))
+    with torch.device("meta"):
+        model = Phi3(cfg)
+    float_shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    quantize_model(model, bits, group_size, symmetric, keep_8bit)
+
+    def load_float(name: str) -> torch.Tensor:
+        if name == "lm_head.weight" and cfg.tie_embeddings:
+            name = "embed_tokens.weight"  # tied: quantize the embedding matrix as the output layer too
+        parts = [read(hf_name) for hf_name, _ in hf_parts(cfg, name, float_shapes[name])]
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    state = {}
+    modules = dict(model.named_modules())
+    for name, module in tqdm(list(modules.items()), desc="quantize", unit="layer", file=sys.stderr):
+        if isinstance(module, (Int4Linear, Int8Linear)):
+            linear = torch.nn.Linear(module.in_features, module.out_features, bias=False, device="meta")
+            linear.weight = torch.nn.Parameter(load_float(f"{name}.weight"), requires_grad=False)
+            new = Int4Linear.from_linear(linear, group_size, symmetric) if isinstance(module, Int4Linear) \
+                else Int8Linear.from_linear(linear)
+        elif isinstance(module, Int8Embedding):
+            emb = torch.nn.Embedding(*float_shapes["embed_tokens.weight"], device="meta")
+            emb.weight = torch.nn.Parameter(load_float("embed_tokens.weight"), requires_grad=False)
+            new = Int8Embedding.from_embedding(emb)
+        else:
+            for pname, _ in module.named_parameters(recurse=False):
+                t = load_float(f"{name}.{pname}" if name else pname)
+                state[f"{name}.{pname}" if name else pname] = t.to(dtype or t.dtype)
+            continue
+        for bname, buf in new.named_buffers():
+            state[f"{name}.{bname}"] = buf
+    model.load_state_dict(state, assign=True, strict=True)
+    return model.eval()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    keep = tuple(k.strip() for k in args.keep_8bit.split(",") if k.strip())
+    t0 = time.perf_counter()
+    from ..checkpoint import resolve, save
+    from ..eval.perplexity import compare, heldout_text
+    from ..quantize import quantize_model
+
+    src = None if args.model is None or str(args.model).lower().endswith(".gguf") else resolve(args.model,
+                                                                                               args.revision)
+    if src is not None:  # an HF safetensors directory: stream it
+        from ..tokenizer import Tokenizer
+
+        try:
+            model = quantize_streaming(src, args.bits, args.group_size, args.symmetric, keep, DTYPES[args.dtype])
+        except (ValueError, KeyError, OSError) as e:
+            sys.exit(f"phikit: {e}")
+        tokenizer = Tokenizer(src) if (src / "tokenizer.json").exists() else None
+        reference = load_from(args)[0] if args.check else None  # memory-mapped float model, for the gate only
+    else:  # a GGUF file (or the demo model): small enough to hold twice
+        import copy
+
+        reference, tokenizer = load_from(args)
+        model = copy.deepcopy(reference)
+        quantize_model(model, args.bits, args.group_size, args.symmetric, keep)
+    print(f"[phikit] quantized to {args.bits} bits in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
+
+    if args.check:
+        if tokenizer is None:
+            sys.exit("phikit: --check needs a tokenizer to encode the held-out text")
+        ids = tokenizer.encode(heldout_text())
+        report = compare(reference, model, ids)
+        gate = GATE[args.bits]
+        ok = report["top1"] >= gate
+        print(f"[phikit] held-out {report['tokens']} tokens: perplexity {report['ppl_reference']:.3f} (float) -> "
+              f"{report['ppl_candidate']:.3f} (quantized), KL {report['kl']:.4f} nats/token, "
+              f"top-1 agreement {100 * report['top1']:.2f}% (gate: >= {100 * gate:.0f}%) -> "
+              f"{'pass' if ok else 'FAIL'}", file=sys.stderr)
+        if not ok and not args.force:
+            sys.exit("phikit: the quantized model fails its quality gate; nothing written (use --force to write "
+                     "anyway, or try --keep-8bit down_proj,lm_head / a smaller --group-size)")
+    out = save(model, args.out, tokenizer)
+    print(f"[phikit] wrote {out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

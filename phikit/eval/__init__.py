@@ -1,0 +1,1 @@
+"""Evaluation: perplexity and agreement between two models on held-out text."""

@@ -1,0 +1,130 @@
+"""Weight-only quantization: kernels against the dequantize oracle, layouts, save/load, the CLI and its gate."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+import phikit
+from phikit.config import Config
+from phikit.model import Phi3
+from phikit.quantize import (Int4Linear, Int8Linear, dequantize_int4, pack_int4, quantize_int4, quantize_model,
+                             set_kernel, unpack_int4)
+
+
+def linear(N, K, seed=0):
+    torch.manual_seed(seed)
+    lin = nn.Linear(K, N, bias=False)
+    nn.init.normal_(lin.weight, 0.0, 0.02)
+    lin.weight.data[:, 3] *= 20  # an outlier input channel, as real models have
+    return lin
+
+
+def rel(a, b):
+    return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
+
+
+def test_layout_is_the_one_torchs_kernel_reads():
+    q = torch.randint(0, 16, (192, 96), dtype=torch.int32)
+    assert torch.equal(pack_int4(q.to(torch.uint8)), torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1))
+    assert torch.equal(unpack_int4(pack_int4(q.to(torch.uint8))), q.to(torch.uint8))
+
+
+@pytest.mark.parametrize("group_size", [32, 64, 128])
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_int4_round_trip_error_is_within_half_a_step(group_size, symmetric):
+    w = linear(64, 256).weight.detach()
+    q, scale, zero = quantize_int4(w, group_size, symmetric)
+    err = (dequantize_int4(q, scale, zero) - w).abs().reshape(64, -1, group_size)
+    # one step is `scale`; rounding costs at most half of it (+ bf16 rounding of scale and zero)
+    assert (err <= 0.5 * scale[..., None] * 1.02 + 1e-6).all()
+
+
+@pytest.mark.parametrize("make", [lambda l: Int4Linear.from_linear(l, 32), lambda l: Int4Linear.from_linear(l, 128),
+                                  lambda l: Int4Linear.from_linear(l, 64, symmetric=True), Int8Linear.from_linear],
+                         ids=["int4-g32", "int4-g128", "int4-g64-sym", "int8"])
+@pytest.mark.parametrize("M", [1, 7, 40])  # decode kernel (< 16 rows) and prefill path
+@pytest.mark.parametrize("N", [256, 200])  # 200: output rows padded to the kernel's 64-row blocks
+def test_fast_kernels_equal_the_dequantize_oracle(make, M, N):
+    m = make(linear(N, 256))
+    for dtype, bound in ((torch.float32, 1e-3), (torch.bfloat16, 8e-3)):  # bf16: its own rounding, 2^-7
+        x = torch.randn(2, M, 256).to(dtype)
+        m.kernel = "auto"
+        fast = m(x)
+        m.kernel = "oracle"
+        oracle = m(x)
+        assert fast.shape == (2, M, N) and fast.dtype == dtype
+        assert rel(fast, oracle) <= bound, (dtype, rel(fast, oracle))
+
+
+def tiny(seed=0):
+    cfg = Config.from_name("phi-4-mini-instruct", n_layers=2, dim=128, n_heads=4, n_kv_heads=2, ffn_dim=256,
+                           vocab_size=512, rope_short_factor=[1.0] * 12, rope_long_factor=[1.5] * 12,
+                           max_seq_len=512, original_max_seq_len=32)
+    model = Phi3(cfg).eval()
+    model.init_weights(seed)
+    with torch.no_grad():  # larger weights than pretraining init, so that logits are not all near zero
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.mul_(10)
+    return model
+
+
+@pytest.mark.parametrize("bits, keep", [(4, ()), (8, ()), (4, ("down_proj", "lm_head"))])
+def test_quantized_greedy_output_equals_the_oracle_path(bits, keep):
+    model = tiny()
+    quantize_model(model, bits=bits, group_size=32, keep_8bit=keep)
+    assert isinstance(model.layers[0].mlp.down_proj, Int8Linear if bits == 8 or keep else Int4Linear)
+    prompt = torch.randint(0, 512, (20,), generator=torch.Generator().manual_seed(1)).tolist()
+    fast = [t for (t,) in phikit.generate(model, [prompt], 40)]  # crosses the LongRoPE switch at 32
+    set_kernel(model, "oracle")
+    oracle = [t for (t,) in phikit.generate(model, [prompt], 40)]
+    assert fast == oracle
+
+
+def test_save_load_round_trip(tmp_path):
+    model = tiny().to(torch.bfloat16)
+    quantize_model(model, bits=4, group_size=64, keep_8bit=("lm_head",))
+    out = phikit.save(model, tmp_path / "q4")
+    again, _ = phikit.load(out)
+    assert again.cfg.quantization == model.cfg.quantization
+    assert isinstance(again.layers[1].self_attn.qkv_proj, Int4Linear) and isinstance(again.lm_head, Int8Linear)
+    ids = torch.randint(0, 512, (1, 50), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(again(ids), model(ids))
+
+
+def test_quantize_command_streams_a_checkpoint(tmp_path):
+    """`phikit quantize` on a safetensors checkpoint gives exactly the in-memory quantize_model result."""
+    model = tiny().to(torch.bfloat16)
+    phikit.save(model, tmp_path / "src")
+    out = subprocess.run([sys.executable, "-m", "phikit", "quantize", "--model", str(tmp_path / "src"), "--bits", "4",
+                          "--group-size", "32", "--keep-8bit", "down_proj", "--out", str(tmp_path / "q")],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    streamed, _ = phikit.load(tmp_path / "q")
+    quantize_model(model, bits=4, group_size=32, keep_8bit=("down_proj",))
+    for (name, a), (_, b) in zip(sorted(streamed.state_dict().items()), sorted(model.state_dict().items())):
+        assert torch.equal(a, b), name
+
+
+def test_quality_gate_on_a_real_model(tmp_path):
+    """SmolLM2-135M: a poor setting is refused (and --force writes it); a good one passes and runs."""
+    def quantize(*args):
+        return subprocess.run([sys.executable, "-m", "phikit", "quantize", "--check", *args], capture_output=True,
+                              text=True, timeout=600)
+
+    bad = quantize("--bits", "4", "--group-size", "128", "--out", str(tmp_path / "bad"))
+    assert bad.returncode != 0 and "fails its quality gate" in bad.stderr and not (tmp_path / "bad").exists()
+    assert "top-1 agreement" in bad.stderr and "FAIL" in bad.stderr
+    forced = quantize("--bits", "4", "--group-size", "128", "--force", "--out", str(tmp_path / "forced"))
+    assert forced.returncode == 0 and (tmp_path / "forced" / "config.json").exists()
+    good = quantize("--bits", "4", "--group-size", "32", "--keep-8bit", "down_proj,lm_head", "--out",
+                    str(tmp_path / "good"))
+    assert good.returncode == 0 and "-> pass" in good.stderr, good.stderr
+    answer = subprocess.run([sys.executable, "-m", "phikit", "generate", "--model", str(tmp_path / "good"), "--chat",
+                             "--prompt", "What is the capital of France?", "--max-new-tokens", "20"],
+                            capture_output=True, text=True, timeout=300)
+    assert answer.returncode == 0 and "Paris" in answer.stdout, answer.stderr
