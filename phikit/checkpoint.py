@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import struct
 import tempfile
 from pathlib import Path
 
@@ -117,6 +118,38 @@ def _weight_files(ckpt: Path) -> dict[str, Path]:
     return files
 
 
+_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "U8": torch.uint8, "I8": torch.int8,
+           "I32": torch.int32, "I64": torch.int64}
+
+
+def copying_reader(files: dict[str, Path]):
+    """read(name) -> tensor copied from its file into fresh (64-byte aligned) memory, not memory-mapped.
+
+    Two uses: streaming a checkpoint (the bytes read leave no resident file pages behind), and the
+    packed int8 kernel, which crashes on data aligned to 8 bytes only, as tensors inside a
+    safetensors file may be.
+    """
+    headers = {}
+
+    def read(name: str) -> torch.Tensor:
+        f = files[name]
+        if f not in headers:
+            with open(f, "rb") as fh:
+                (n,) = struct.unpack("<Q", fh.read(8))
+                headers[f] = (8 + n, json.loads(fh.read(n)))
+        base, meta = headers[f]
+        info = meta[name]
+        start, end = info["data_offsets"]
+        buf = torch.empty(end - start, dtype=torch.uint8)
+        with open(f, "rb") as fh:
+            fh.seek(base + start)
+            if fh.readinto(buf.numpy()) != end - start:
+                raise CheckpointError(f"{f} is truncated at tensor {name!r}")
+        return buf.view(_DTYPES[info["dtype"]]).reshape(info["shape"])
+
+    return read
+
+
 def _open(f: Path):
     try:
         return safe_open(str(f), framework="pt", device="cpu")
@@ -157,14 +190,15 @@ def load_model(ckpt: str | os.PathLike, dtype: torch.dtype | None = None, revisi
 
     state: dict[str, torch.Tensor] = {}
     handles = {}
+    copy = copying_reader(files) if cfg.quantization is not None else None  # packed kernels want aligned data
     for ours, hf_tensors in parts.items():
         pieces = []
         for name, shape in hf_tensors:
             f = files[name]
             if f not in handles:
-                handles[f] = _open(f)
+                handles[f] = _open(f)  # also validates the file (header, size) before anything is read
             try:
-                t = handles[f].get_tensor(name)  # memory-mapped: no read until first use
+                t = copy(name) if copy else handles[f].get_tensor(name)  # else memory-mapped: read on first use
             except (SafetensorError, OSError) as e:
                 raise CheckpointError(f"cannot read tensor {name!r} from {f.name}: {e}") from None
             if tuple(t.shape) != shape:

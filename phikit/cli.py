@@ -65,7 +65,7 @@ def sampling_from(args):
         sys.exit(f"phikit: {e}")
 
 
-def load_from(args):
+def load_from(args, need_tokenizer: bool = True):
     """(model, tokenizer) for the parsed options, exiting with a one-line message on a bad checkpoint."""
     from . import load
     from .checkpoint import CheckpointError
@@ -87,6 +87,6 @@ def load_from(args):
         model, tokenizer = load(args.model, dtype=DTYPES[args.dtype], revision=args.revision)
     except (CheckpointError, ConfigError, TokenizerError, GGUFError) as e:
         sys.exit(f"phikit: {e}")
-    if tokenizer is None:
+    if tokenizer is None and need_tokenizer:
         sys.exit(f"phikit: {args.model} has no tokenizer.json; text commands need one")
     return model, tokenizer

@@ -83,7 +83,7 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: 
 def prefill(model: Phi3, prompt: torch.Tensor, row: int) -> torch.Tensor:
     """Run one prompt (T,) into cache row `row`; return the logits (V,) of its last position."""
     pos = torch.arange(prompt.numel(), device=prompt.device)
-    return model(prompt[None], pos[None], rows=slice(row, row + 1))[0, -1]
+    return model(prompt[None], pos[None], rows=slice(row, row + 1), last_only=True)[0, -1]
 
 
 @torch.no_grad()

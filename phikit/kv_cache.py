@@ -24,8 +24,11 @@ class KVCache(torch.nn.Module):
                  dtype: torch.dtype, device: torch.device | str | None = None):
         super().__init__()
         shape = (batch, n_kv_heads, max_len, head_dim)
-        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        # allocated, not touched: slots are zeroed as the context reaches them (see update), so resident
+        # memory follows the context in use, not the context allocated
+        self.register_buffer("k", torch.empty(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.empty(shape, dtype=dtype, device=device), persistent=False)
+        self.zeroed = 0  # slots [0, zeroed) of every row hold written or zeroed values, never garbage
 
     @property
     def max_len(self) -> int:
@@ -35,6 +38,11 @@ class KVCache(torch.nn.Module):
                v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write k, v (B, Hkv, T, D) at positions input_pos (B, T) of `rows`; return (B, Hkv, S, D) for S = max pos + 1."""
         T = k.shape[2]
+        S = int(input_pos.max()) + 1
+        if S > self.zeroed:  # attention reads every row up to S; unwritten slots must be finite (masked) zeros
+            self.k[:, :, self.zeroed:S].zero_()
+            self.v[:, :, self.zeroed:S].zero_()
+            self.zeroed = S
         pos = input_pos[0]
         if isinstance(rows, slice) and bool((input_pos == pos).all()):
             if T > 1 and bool((pos.diff() == 1).all()):
@@ -45,5 +53,4 @@ class KVCache(torch.nn.Module):
             r = torch.arange(self.k.shape[0], device=k.device)[rows][:, None]  # (B, 1)
             self.k[r, :, input_pos] = k.transpose(1, 2)  # (B, T, Hkv, D)
             self.v[r, :, input_pos] = v.transpose(1, 2)
-        S = int(input_pos.max()) + 1
         return self.k[rows, :, :S], self.v[rows, :, :S]

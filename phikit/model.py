@@ -102,8 +102,8 @@ class Phi3(nn.Module):
         self.cache_rope_long: torch.Tensor | None = None  # (B_max,) LongRoPE list of each cached row: long?
 
     def forward(self, idx: torch.Tensor, input_pos: torch.Tensor | None = None,
-                rows: slice | torch.Tensor | None = None) -> torch.Tensor:
-        """Logits (B, T, V) for token ids idx (B, T).
+                rows: slice | torch.Tensor | None = None, last_only: bool = False) -> torch.Tensor:
+        """Logits (B, T, V) for token ids idx (B, T); (B, 1, V) for the last position only with last_only.
 
         input_pos: (T,) or (B, T) absolute positions, default 0..T-1. With a cache (setup_cache) the
         keys and values are written at these positions and all earlier cached ones are attended.
@@ -128,6 +128,8 @@ class Phi3(nn.Module):
         mask = self._mask(input_pos, S)
         for block in self.layers:
             x = block(x, cos, sin, mask, input_pos, rows)
+        if last_only:  # prefill needs the next-token logits only: skip T-1 rows of the (large) output matmul
+            x = x[:, -1:]
         return self.lm_head(self.norm(x))
 
     def _mask(self, input_pos: torch.Tensor, S: int) -> torch.Tensor:

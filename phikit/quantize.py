@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 BLOCK_N = 64          # rows per block in torch's CPU int4 layout
-PREFILL_ROWS = 16     # from this many activation rows on, dequantize + bf16 GEMM beats the packed kernel
+PREFILL_ROWS = 256    # from this many activation rows on, dequantize + dense GEMM beats the packed kernel
 FORMAT = "phikit-int4-v1"
 
 
@@ -114,8 +114,17 @@ class Int4Linear(nn.Module):
         return m
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        sz = self.scales_and_zeros.float()
-        w = dequantize_int4(unpack_int4(self.qweight), sz[..., 0].t(), sz[..., 1].t())
+        """The weight [N, K] in dtype: exact in float32 (the oracle); in 16-bit, w = q * a + b in that dtype."""
+        q = unpack_int4(self.qweight)
+        if dtype == torch.float32:
+            sz = self.scales_and_zeros.float()
+            w = dequantize_int4(q, sz[..., 0].t(), sz[..., 1].t())
+        else:  # one fused multiply-add per weight, in the activation dtype (the prefill path)
+            sz = self.scales_and_zeros.float()
+            a = sz[..., 0].t().to(dtype)[..., None]                         # (N, K/g, 1)
+            b = (sz[..., 1] - 8 * sz[..., 0]).t().to(dtype)[..., None]
+            N, K = q.shape
+            w = torch.addcmul(b, q.view(N, -1, self.group_size).to(dtype), a).view(N, K)
         return w[: self.out_features].to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -153,7 +162,7 @@ class Int8Linear(nn.Module):
         return m
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        return (self.qweight.float() * self.scales.float()[:, None]).to(dtype)
+        return self.qweight.to(dtype) * self.scales.to(dtype)[:, None]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape[:-1]

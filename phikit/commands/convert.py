@@ -25,7 +25,7 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     t0 = time.perf_counter()
-    model, tokenizer = load_from(args)
+    model, tokenizer = load_from(args, need_tokenizer=False)  # a GGUF without a tokenizer is still useful
 
     from ..checkpoint import save
     from ..gguf_io import GGUFError, save_gguf

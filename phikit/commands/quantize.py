@@ -13,8 +13,6 @@ top-1 >= 99% at 8 bits and >= 90% at 4 bits, or nothing is written (unless --for
 from __future__ import annotations
 
 import argparse
-import json
-import struct
 import sys
 import time
 from pathlib import Path
@@ -24,7 +22,6 @@ import torch
 from ..cli import DTYPES, add_model_args, load_from
 
 GATE = {8: 0.99, 4: 0.90}  # minimum top-1 agreement with the float model
-_SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
 
 
 def parser() -> argparse.ArgumentParser:
@@ -47,35 +44,12 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def _safetensors_reader(files: dict[str, Path]):
-    """read(name) -> tensor, copying the bytes out of the file (no memory map)."""
-    headers = {}
-
-    def read(name: str) -> torch.Tensor:
-        f = files[name]
-        if f not in headers:
-            with open(f, "rb") as fh:
-                (n,) = struct.unpack("<Q", fh.read(8))
-                headers[f] = (8 + n, json.loads(fh.read(n)))
-        base, meta = headers[f]
-        info = meta[name]
-        start, end = info["data_offsets"]
-        buf = bytearray(end - start)
-        with open(f, "rb") as fh:
-            fh.seek(base + start)
-            if fh.readinto(buf) != len(buf):
-                raise ValueError(f"{f} is truncated at tensor {name!r}")
-        return torch.frombuffer(buf, dtype=_SAFETENSORS_DTYPES[info["dtype"]]).reshape(info["shape"])
-
-    return read
-
-
 def quantize_streaming(ckpt: Path, bits: int, group_size: int, symmetric: bool, keep_8bit: tuple[str, ...],
                        dtype: torch.dtype | None):
     """A quantized Phi3 built from an HF safetensors directory, one float matrix in memory at a time."""
     from tqdm import tqdm
 
-    from ..checkpoint import _weight_files, hf_parts
+    from ..checkpoint import _weight_files, copying_reader, hf_parts
     from ..config import Config
     from ..model import Phi3
     from ..quantize import Int4Linear, Int8Embedding, Int8Linear, quantize_model
@@ -83,7 +57,7 @@ def quantize_streaming(ckpt: Path, bits: int, group_size: int, symmetric: bool, 
     cfg = Config.from_file(ckpt / "config.json")
     if cfg.quantization is not None:
         raise ValueError(f"{ckpt} is already quantized ({cfg.quantization})")
-    read = _safetensors_reader(_weight_files(ckpt))
+    read = copying_reader(_weight_files(ckpt))
     with torch.device("meta"):
         model = Phi3(cfg)
     float_shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}

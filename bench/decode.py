@@ -1,0 +1,256 @@
+"""Decode and prefill speed of phikit's quantized engine against llama.cpp, on Phi-3-mini-shaped weights.
+
+    python bench/decode.py                 # full 3.8B shapes (needs ~20 GB of disk in --cache, ~25 min)
+    python bench/decode.py --layers 4      # a quick run on a 4-layer model of the same widths
+    python bench/decode.py --json          # one JSON list of rows instead of the table
+
+Random weights are generated once (seeded) in the Phi-3-mini-4k configuration and written as a
+bf16 safetensors checkpoint; `phikit quantize` makes int4 (group 32 and 128) and int8 checkpoints
+from it, and `phikit convert` makes the GGUF files llama.cpp runs (Q4_0, Q8_0, F16) from the same
+weights. Every measurement runs in a fresh process (so peak RSS is that engine's alone), with the
+same thread count for both engines: decode = 128 greedy tokens after a 16-token prompt, prefill =
+one 512-token prompt. The context allocated is 4096 tokens for both engines.
+
+The ceiling is the machine's measured read bandwidth divided by the bytes of weights read per
+token (every matrix once; the embedding table is only indexed). llama.cpp is optional
+(`pip install llama-cpp-python`, which builds it from source); without it only phikit rows print.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+FORMATS = {  # name -> (phikit quantize args | None for bf16, llama.cpp GGUF type of comparable size)
+    "int4-g32": (["--bits", "4", "--group-size", "32"], "q4_0"),
+    "int4-g128": (["--bits", "4", "--group-size", "128"], "q4_0"),
+    "int8": (["--bits", "8"], "q8_0"),
+    "bf16": (None, "f16"),
+}
+
+
+def prepare(cache: Path, layers: int) -> dict:
+    """Checkpoints and GGUF files of one random Phi-3-mini-shaped model; reused when present."""
+    import torch
+
+    import phikit
+    from phikit.config import Config
+    from phikit.model import Phi3
+
+    cache.mkdir(parents=True, exist_ok=True)
+    src = cache / f"phi3-mini-random-{layers}L"
+    if not (src / "config.json").exists():
+        cfg = Config.from_name("phi-3-mini-4k-instruct", n_layers=layers, sliding_window=None)
+        default = torch.get_default_dtype()
+        torch.set_default_dtype(torch.bfloat16)  # build in bf16 directly: 7.6 GB, never a 15 GB fp32 copy
+        try:
+            with torch.device("meta"):
+                model = Phi3(cfg)
+            model = model.to_empty(device="cpu")
+        finally:
+            torch.set_default_dtype(default)
+        model.init_weights(seed=0)
+        phikit.save(model, src)
+        del model
+        # llama.cpp needs a vocabulary: the test suite's small Phi-3-style tokenizer (padded to 32064 on export)
+        sys.path.insert(0, str(ROOT / "tests"))
+        from tiny_tokenizer import build
+
+        build("phi-3-mini-4k-instruct", src)
+    paths = {"bf16": src}
+    for name, (args, _) in FORMATS.items():
+        if args is not None:
+            paths[name] = cache / f"{src.name}-{name}"
+            if not (paths[name] / "config.json").exists():
+                _run([sys.executable, "-m", "phikit", "quantize", "--model", str(src), "--out", str(paths[name]), *args])
+    for gtype in sorted({g for _, g in FORMATS.values()}):
+        paths[gtype] = cache / f"{src.name}.{gtype}.gguf"
+        if not paths[gtype].exists():
+            _run([sys.executable, "-m", "phikit", "convert", "--model", str(src), "--to", "gguf", "--type", gtype,
+                  "--out", str(paths[gtype])])
+    return {k: str(v) for k, v in paths.items()}
+
+
+def _run(cmd):
+    print("+", " ".join(cmd), file=sys.stderr)
+    subprocess.run(cmd, check=True)
+
+
+# ---- one measurement, in a child process ----------------------------------------------------------
+
+def peak_rss_gb() -> float:
+    """This process's peak resident memory (VmHWM: unlike ru_maxrss, not inherited from the parent)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024**2
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
+def measure_phikit(path: str, threads: int, prompt_len: int, new_tokens: int, prefill_len: int, ctx: int) -> dict:
+    import torch
+
+    import phikit
+    from phikit.generate import decode_one, prefill
+
+    torch.set_num_threads(threads)
+    model, _ = phikit.load(path, dtype=torch.bfloat16)
+    vocab = model.cfg.vocab_size
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        # prefill: one prompt of prefill_len tokens
+        model.setup_cache(1, ctx)
+        ids = torch.randint(0, vocab, (prefill_len,), generator=g)
+        prefill(model, ids[:32], 0)  # warm-up
+        t = time.perf_counter()
+        prefill(model, ids, 0)
+        prefill_s = time.perf_counter() - t
+        # decode: new_tokens greedy steps after a short prompt
+        model.setup_cache(1, ctx)
+        logits = prefill(model, ids[:prompt_len], 0)
+        tok, pos = logits.argmax()[None], torch.tensor([prompt_len])
+        for _ in range(3):  # warm-up steps (not timed), then start again at the same position
+            decode_one(model, tok, pos)
+        t = time.perf_counter()
+        for i in range(new_tokens):
+            tok = decode_one(model, tok, pos + i).argmax(-1)
+        decode_s = time.perf_counter() - t
+    return {"decode_tok_s": new_tokens / decode_s, "prefill_tok_s": prefill_len / prefill_s, "peak_rss_gb": peak_rss_gb()}
+
+
+def measure_llamacpp(path: str, threads: int, prompt_len: int, new_tokens: int, prefill_len: int, ctx: int) -> dict:
+    import random
+
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=path, n_ctx=ctx, n_threads=threads, n_threads_batch=threads, n_batch=prefill_len,
+                verbose=False)
+    rnd = random.Random(0)
+    ids = [rnd.randrange(100, 32000) for _ in range(prefill_len)]
+    llm.eval(ids[:32])  # warm-up
+    llm.reset()
+    t = time.perf_counter()
+    llm.eval(ids)
+    prefill_s = time.perf_counter() - t
+    llm.reset()
+    llm.eval(ids[:prompt_len])
+    t = time.perf_counter()
+    for _ in range(new_tokens):
+        tok = llm.sample(temp=0.0, top_k=1)
+        llm.eval([tok])
+    decode_s = time.perf_counter() - t
+    return {"decode_tok_s": new_tokens / decode_s, "prefill_tok_s": prefill_len / prefill_s, "peak_rss_gb": peak_rss_gb()}
+
+
+def bandwidth_gb_s(threads: int) -> float:
+    """Read bandwidth: summing a 2 GiB array (median of 5), with the given threads."""
+    import torch
+
+    torch.set_num_threads(threads)
+    x = torch.ones(2**29, dtype=torch.float32)  # 2 GiB, far larger than any cache
+    times = []
+    for _ in range(5):
+        t = time.perf_counter()
+        x.sum()
+        times.append(time.perf_counter() - t)
+    bw = x.numel() * 4 / sorted(times)[2] / 1e9
+    del x
+    return bw
+
+
+def weight_bytes_per_token(path: str) -> int:
+    """Bytes of weights one decode step reads: every file tensor except the embedding table."""
+    from safetensors import safe_open
+
+    total = 0
+    for f in Path(path).glob("*.safetensors"):
+        with safe_open(str(f), "pt") as h:
+            for name in h.keys():
+                if "embed_tokens" not in name:
+                    sl = h.get_slice(name)
+                    n = 1
+                    for d in sl.get_shape():
+                        n *= d
+                    total += n * {"BF16": 2, "F16": 2, "F32": 4, "U8": 1, "I8": 1}[sl.get_dtype()]
+    return total
+
+
+def child(args) -> int:
+    fn = measure_phikit if args.engine == "phikit" else measure_llamacpp
+    print(json.dumps(fn(args.path, args.threads, 16, args.new_tokens, args.prefill, 4096)))
+    return 0
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--layers", type=int, default=32, help="decoder layers (default: 32, Phi-3-mini's)")
+    p.add_argument("--threads", default="1,2", help="thread counts to measure (default: 1,2)")
+    p.add_argument("--new-tokens", type=int, default=128, help="decode steps timed (default: 128)")
+    p.add_argument("--prefill", type=int, default=512, help="prefill prompt length (default: 512)")
+    p.add_argument("--cache", default=str(ROOT / "bench" / ".cache"), help="where weights are kept (default: bench/.cache)")
+    p.add_argument("--formats", default=",".join(FORMATS), help=f"phikit formats (default: {','.join(FORMATS)})")
+    p.add_argument("--json", action="store_true", help="print one JSON list of rows instead of a table")
+    p.add_argument("--child", nargs=3, metavar=("ENGINE", "PATH", "THREADS"), help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.child:
+        args.engine, args.path, args.threads = args.child[0], args.child[1], int(args.child[2])
+        return child(args)
+
+    paths = prepare(Path(args.cache), args.layers)
+    try:
+        import llama_cpp  # noqa: F401
+        have_llamacpp = True
+    except ImportError:
+        have_llamacpp = False
+        print("llama-cpp-python is not installed: measuring phikit only", file=sys.stderr)
+    rows = []
+    for threads in [int(t) for t in args.threads.split(",")]:
+        bw = bandwidth_gb_s(threads)
+        for name in args.formats.split(","):
+            gguf_type = FORMATS[name][1]
+            runs = [("phikit", name, paths[name])]
+            if have_llamacpp and not any(r["engine"] == "llama.cpp" and r["format"] == gguf_type.upper()
+                                         and r["threads"] == threads for r in rows):
+                runs.append(("llama.cpp", gguf_type.upper(), paths[gguf_type]))
+            for engine, fmt, path in runs:
+                cmd = [sys.executable, __file__, "--child", engine, path, str(threads),
+                       "--new-tokens", str(args.new_tokens), "--prefill", str(args.prefill)]
+                out = subprocess.run(cmd, capture_output=True, text=True)
+                if out.returncode != 0:
+                    print(out.stderr[-2000:], file=sys.stderr)
+                    raise SystemExit(f"{engine} {fmt} failed")
+                rows.append({"engine": engine, "format": fmt, "threads": threads, **json.loads(out.stdout)})
+            nbytes = weight_bytes_per_token(paths[name])
+            rows.append({"engine": "ceiling", "format": name, "threads": threads, "bandwidth_gb_s": bw,
+                         "decode_tok_s": bw * 1e9 / nbytes})
+    if args.json:
+        print(json.dumps(rows, indent=1))
+        return 0
+    print(f"\nPhi-3-mini shapes, {args.layers} layers; decode: {args.new_tokens} tokens after 16; "
+          f"prefill: {args.prefill} tokens; context 4096")
+    print(f"{'threads':>7} {'engine':<10} {'format':<10} {'decode tok/s':>12} {'prefill tok/s':>13} "
+          f"{'peak RSS GB':>11} {'decode vs llama.cpp':>20} {'prefill vs llama.cpp':>21}")
+    for r in rows:
+        if r["engine"] == "ceiling":
+            print(f"{r['threads']:>7} {'ceiling':<10} {r['format']:<10} {r['decode_tok_s']:>12.1f} "
+                  f"{'':>13} {'':>11}   ({r['bandwidth_gb_s']:.1f} GB/s read)")
+            continue
+        ref = None
+        if r["engine"] == "phikit":
+            gtype = FORMATS[r["format"]][1].upper()
+            ref = next((x for x in rows if x["engine"] == "llama.cpp" and x["format"] == gtype
+                        and x["threads"] == r["threads"]), None)
+        dec = f"{r['decode_tok_s'] / ref['decode_tok_s']:.2f}x {ref['format']}" if ref else ""
+        pre = f"{r['prefill_tok_s'] / ref['prefill_tok_s']:.2f}x {ref['format']}" if ref else ""
+        print(f"{r['threads']:>7} {r['engine']:<10} {r['format']:<10} {r['decode_tok_s']:>12.1f} "
+              f"{r['prefill_tok_s']:>13.1f} {r['peak_rss_gb']:>11.2f} {dec:>20} {pre:>21}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
