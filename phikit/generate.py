@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .memory import check_kv_cache
 from .model import Phi3
 from .tokenizer import Tokenizer
 
@@ -118,6 +119,7 @@ def generate(model: Phi3, prompts: Sequence[Sequence[int]], max_new_tokens: int,
     gen = torch.Generator(device=device).manual_seed(sampling.seed) if sampling.seed is not None else None
     stop = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=device)
 
+    check_kv_cache(model.cfg, B, max_seq_len, model.norm.weight.element_size())  # refuse before allocating
     model.setup_cache(B, max_seq_len)
     try:
         seen = torch.zeros(B, model.cfg.vocab_size, dtype=torch.bool, device=device)

@@ -128,3 +128,17 @@ def test_quality_gate_on_a_real_model(tmp_path):
                              "--prompt", "What is the capital of France?", "--max-new-tokens", "20"],
                             capture_output=True, text=True, timeout=300)
     assert answer.returncode == 0 and "Paris" in answer.stdout, answer.stderr
+
+
+def test_memory_plan_refuses_a_context_that_cannot_fit(monkeypatch):
+    from phikit import memory
+
+    model = tiny()
+    need = memory.kv_cache_bytes(model.cfg, 1, 100_000, 4)  # 2 layers x 2 KV heads x 32 dims, float32
+    assert need == 2 * 2 * 100_000 * 2 * 32 * 4
+    monkeypatch.setattr(memory, "available_bytes", lambda: need // 4)
+    with pytest.raises(MemoryError, match=r"needs 0\.\d\d GiB, but only 0\.\d\d GiB of RAM is available; use a "
+                                          r"context of at most \d+ positions"):
+        next(phikit.generate(model, [[1, 2, 3]], 8, max_seq_len=100_000))
+    monkeypatch.setattr(memory, "available_bytes", lambda: need * 4)
+    assert len(list(phikit.generate(model, [[1, 2, 3]], 8, max_seq_len=100_000))) == 8
