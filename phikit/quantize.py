@@ -114,17 +114,10 @@ class Int4Linear(nn.Module):
         return m
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """The weight [N, K] in dtype: exact in float32 (the oracle); in 16-bit, w = q * a + b in that dtype."""
-        q = unpack_int4(self.qweight)
-        if dtype == torch.float32:
-            sz = self.scales_and_zeros.float()
-            w = dequantize_int4(q, sz[..., 0].t(), sz[..., 1].t())
-        else:  # one fused multiply-add per weight, in the activation dtype (the prefill path)
-            sz = self.scales_and_zeros.float()
-            a = sz[..., 0].t().to(dtype)[..., None]                         # (N, K/g, 1)
-            b = (sz[..., 1] - 8 * sz[..., 0]).t().to(dtype)[..., None]
-            N, K = q.shape
-            w = torch.addcmul(b, q.view(N, -1, self.group_size).to(dtype), a).view(N, K)
+        """The weight [N, K] in dtype (float32: the oracle; 16-bit: the prefill path's GEMM operand)."""
+        # float32 arithmetic, rounded once at the end: in 16 bits, q * scale + (zero - 8 scale) cancels badly
+        sz = self.scales_and_zeros.float()
+        w = dequantize_int4(unpack_int4(self.qweight), sz[..., 0].t(), sz[..., 1].t())
         return w[: self.out_features].to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

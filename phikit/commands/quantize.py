@@ -115,6 +115,9 @@ def main(argv: list[str] | None = None) -> int:
         import copy
 
         reference, tokenizer = load_from(args)
+        # the quantized engine runs bf16 activations unless --dtype says otherwise (a GGUF loads as float32),
+        # and the gate compares with the float model in that same dtype
+        reference = reference.to(DTYPES[args.dtype] or torch.bfloat16)
         model = copy.deepcopy(reference)
         quantize_model(model, args.bits, args.group_size, args.symmetric, keep)
     print(f"[phikit] quantized to {args.bits} bits in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
