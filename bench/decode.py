@@ -195,6 +195,7 @@ def main(argv=None) -> int:
     p.add_argument("--cache", default=str(ROOT / "bench" / ".cache"), help="where weights are kept (default: bench/.cache)")
     p.add_argument("--formats", default=",".join(FORMATS), help=f"phikit formats (default: {','.join(FORMATS)})")
     p.add_argument("--json", action="store_true", help="print one JSON list of rows instead of a table")
+    p.add_argument("--prepare-only", action="store_true", help="only build the weight files, measure nothing")
     p.add_argument("--child", nargs=3, metavar=("ENGINE", "PATH", "THREADS"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
@@ -202,6 +203,8 @@ def main(argv=None) -> int:
         return child(args)
 
     paths = prepare(Path(args.cache), args.layers)
+    if args.prepare_only:
+        return 0
     try:
         import llama_cpp  # noqa: F401
         have_llamacpp = True

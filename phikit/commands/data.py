@@ -46,7 +46,7 @@ def _common(p: argparse.ArgumentParser, out_help: str) -> None:
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="phikit data", description="The pretraining data pipeline: ingest -> dedup -> "
-                                "score -> filter -> tokenizer -> pack. Run 'phikit data <stage> --help'.")
+                                "score -> filter -> tokenizer -> pack. Run 'phikit data <stage> --help' for a stage's flags, each with its default.")
     sub = p.add_subparsers(dest="stage", required=True, metavar="{ingest,dedup,score,filter,tokenizer,pack}")
 
     s = sub.add_parser("ingest", help="text / markdown / jsonl / parquet folders -> normalised jsonl documents, "

@@ -1,0 +1,82 @@
+"""`phikit serve`: an OpenAI-compatible HTTP server (chat and text completions, streaming, batching).
+
+SIGTERM shuts down gracefully: uvicorn stops accepting connections and lets in-flight requests
+finish (up to GRACE_SECONDS, then cancels them), the engine stops, and the process exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import os
+import signal
+import sys
+
+from ..cli import add_model_args, load_from
+
+GRACE_SECONDS = 30  # how long in-flight requests may run on after SIGTERM
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="phikit serve",
+        description="Serve a model over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, "
+                    "/v1/models, /health) with streaming and continuous batching.")
+    add_model_args(p)
+    g = p.add_argument_group("server")
+    g.add_argument("--host", default="127.0.0.1",
+                   help="address to bind; 0.0.0.0 exposes the server to the network (default: 127.0.0.1)")
+    g.add_argument("--port", type=int, default=8000, help="TCP port (default: 8000)")
+    g.add_argument("--max-batch", type=int, default=8, metavar="N",
+                   help="most sequences decoded together; more requests wait in a queue (default: 8)")
+    g.add_argument("--max-context", type=int, default=None, metavar="N",
+                   help="positions per sequence, prompt plus completion; the KV cache holds max-batch x max-context "
+                        "positions (default: the model's context length, at most 4096)")
+    g.add_argument("--api-key", default=os.environ.get("PHIKIT_API_KEY"), metavar="KEY",
+                   help="require 'Authorization: Bearer KEY' on every request (default: $PHIKIT_API_KEY, else none)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        import uvicorn
+
+        from ..serve.app import create_app
+    except ImportError as e:
+        sys.exit(f"phikit: serving needs FastAPI and uvicorn ({e.name} is missing): pip install 'phikit[serve]'")
+    if args.max_batch < 1:
+        sys.exit("phikit: --max-batch must be >= 1")
+    model, tokenizer = load_from(args)
+    max_context = args.max_context or min(model.cfg.max_seq_len, 4096)
+    if not 2 <= max_context <= model.cfg.max_seq_len:
+        sys.exit(f"phikit: --max-context must be in 2..{model.cfg.max_seq_len} (the model's context length)")
+    if not args.api_key and not _is_loopback(args.host):
+        print(f"phikit: warning: serving on {args.host} without --api-key", file=sys.stderr)
+
+    from ..serve import Engine
+
+    engine = Engine(model, tokenizer, max_batch=args.max_batch, max_context=max_context)
+    model_id = args.model.rstrip("/").split("/")[-1] if os.path.exists(args.model) else args.model
+    app = create_app(engine, model_id, api_key=args.api_key)
+    print(f"phikit: serving {model_id} on http://{args.host}:{args.port}/v1 (max batch {args.max_batch}, "
+          f"context {max_context})", file=sys.stderr, flush=True)
+    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port,
+                                           timeout_graceful_shutdown=GRACE_SECONDS, log_level="warning"))
+    # uvicorn re-raises the signal that stopped it once it has shut down; a handler that ignores it
+    # (in place after uvicorn restores ours) lets a graceful SIGTERM end with exit status 0
+    signal.signal(signal.SIGTERM, lambda *_: None)
+    server.run()
+    engine.close(cancel=True)
+    return 0
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
