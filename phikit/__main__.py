@@ -9,9 +9,10 @@ COMMANDS = {
     "generate": ("phikit.commands.generate", "complete a prompt (or one chat turn) and print the completion"),
     "chat": ("phikit.commands.chat", "interactive multi-turn chat with streaming output"),
     "quantize": ("phikit.commands.quantize", "quantize weights to 4 or 8 bits (with a quality gate)"),
+    "convert": ("phikit.commands.convert", "convert a checkpoint to GGUF (llama.cpp) or a Hugging Face directory"),
     "serve": ("phikit.commands.serve", "serve a model over an OpenAI-compatible HTTP API with continuous batching"),
     "data": ("phikit.commands.data", "data pipeline: ingest, dedup, score, filter, tokenizer, pack (see --help)"),
-    "convert": ("phikit.commands.convert", "convert a checkpoint to GGUF (llama.cpp) or a Hugging Face directory"),
+    "pretrain": ("phikit.recipes.pretrain", "pretrain from scratch on token shards (phases, resume, FSDP/DDP)"),
 }
 
 
