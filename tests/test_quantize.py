@@ -45,7 +45,7 @@ def test_int4_round_trip_error_is_within_half_a_step(group_size, symmetric):
 @pytest.mark.parametrize("make", [lambda l: Int4Linear.from_linear(l, 32), lambda l: Int4Linear.from_linear(l, 128),
                                   lambda l: Int4Linear.from_linear(l, 64, symmetric=True), Int8Linear.from_linear],
                          ids=["int4-g32", "int4-g128", "int4-g64-sym", "int8"])
-@pytest.mark.parametrize("M", [1, 7, 300])  # packed kernel (< PREFILL_ROWS rows) and dequantize + GEMM
+@pytest.mark.parametrize("M", [1, 7, 300])  # int8: packed kernel (< PREFILL_ROWS rows) and dequantize + GEMM
 @pytest.mark.parametrize("N", [256, 200])  # 200: output rows padded to the kernel's 64-row blocks
 def test_fast_kernels_equal_the_dequantize_oracle(make, M, N):
     m = make(linear(N, 256))
