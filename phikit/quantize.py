@@ -116,8 +116,10 @@ class Int4Linear(nn.Module):
         return m
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """The weight [N, K] in dtype (float32: the oracle; 16-bit: the prefill path's GEMM operand)."""
-        # float32 arithmetic, rounded once at the end: in 16 bits, q * scale + (zero - 8 scale) cancels badly
+        """The weight [N, K] in dtype: the float32 oracle of the tests, rounded once to dtype if asked.
+
+        The arithmetic stays in float32: in 16 bits, q * scale + (zero - 8 scale) cancels badly.
+        """
         sz = self.scales_and_zeros.float()
         w = dequantize_int4(unpack_int4(self.qweight), sz[..., 0].t(), sz[..., 1].t())
         return w[: self.out_features].to(dtype)
