@@ -157,6 +157,9 @@ def _open(f: Path):
         raise CheckpointError(f"{f} is not a readable safetensors file (truncated or corrupt?): {e}") from None
 
 
+QUANT_SCALES = ("scales", "mins")  # quantized layers' scale tensors: exactly the stored dtype, never cast
+
+
 def load_model(ckpt: str | os.PathLike, dtype: torch.dtype | None = None, revision: str | None = None) -> Phi3:
     """Build a Phi3 from a checkpoint directory or hub id, on the CPU, in `dtype` (default: the checkpoint's)."""
     ckpt = resolve(ckpt, revision)
@@ -167,9 +170,12 @@ def load_model(ckpt: str | os.PathLike, dtype: torch.dtype | None = None, revisi
     with torch.device("meta"):
         model = Phi3(cfg)
         if cfg.quantization is not None:  # rebuild the quantized structure, then load its buffers
-            from .quantize import quantize_model
+            from .quantize import FORMAT, quantize_model
 
             q = cfg.quantization
+            if q.get("format") != FORMAT:
+                raise CheckpointError(f"{ckpt} was quantized in format {q.get('format')!r}; this phikit reads "
+                                      f"{FORMAT!r}: quantize the float checkpoint again with `phikit quantize`")
             quantize_model(model, q["bits"], q["group_size"], q.get("symmetric", False), tuple(q.get("keep_8bit", ())),
                            q.get("embedding_bits", 8))
     meta_state = model.state_dict()
@@ -205,13 +211,14 @@ def load_model(ckpt: str | os.PathLike, dtype: torch.dtype | None = None, revisi
                 raise CheckpointError(f"tensor {name!r} in {f.name} has shape {tuple(t.shape)}, expected {shape} "
                                       f"for this config.json")
             want = meta_state[ours].dtype
-            if t.is_floating_point() != want.is_floating_point or (not want.is_floating_point and t.dtype != want):
+            exact = not want.is_floating_point or ours.endswith(QUANT_SCALES)
+            if t.is_floating_point() != want.is_floating_point or (exact and t.dtype != want):
                 raise CheckpointError(f"tensor {name!r} in {f.name} has dtype {t.dtype}, expected "
                                       f"{'a float type' if want.is_floating_point else want}")
             pieces.append(t)
         t = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
-        # quantized codes and their bf16 scales keep their dtype; only plain float weights are cast
-        cast = dtype is not None and t.is_floating_point() and not ours.endswith(("scales", "scales_and_zeros"))
+        # quantized codes and their scales keep their dtype; only plain float weights are cast
+        cast = dtype is not None and t.is_floating_point() and not ours.endswith(QUANT_SCALES)
         state[ours] = t.to(dtype) if cast and t.dtype != dtype else t
     if tied:
         state["lm_head.weight"] = state["embed_tokens.weight"]

@@ -10,8 +10,9 @@ from torch import nn
 import phikit
 from phikit.config import Config
 from phikit.model import Phi3
-from phikit.quantize import (Int4Linear, Int8Linear, dequantize_int4, pack_int4, quantize_int4, quantize_model,
-                             set_kernel, unpack_int4)
+from phikit import kernels
+from phikit.quantize import (Int4Linear, Int8Linear, dequantize_int4, pack_int4, quantize_activations_reference,
+                             quantize_int4, quantize_model, set_kernel, tile_groups, unpack_int4, untile_groups)
 
 
 def linear(N, K, seed=0):
@@ -26,19 +27,64 @@ def rel(a, b):
     return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
 
 
-def test_layout_is_the_one_torchs_kernel_reads():
-    q = torch.randint(0, 16, (192, 96), dtype=torch.int32)
-    assert torch.equal(pack_int4(q.to(torch.uint8)), torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1))
-    assert torch.equal(unpack_int4(pack_int4(q.to(torch.uint8))), q.to(torch.uint8))
+def test_int4_layout():
+    """Byte 64o + 4c + i of tile t: q[16t + c, 8o + i] in the low nibble, q[16t + c, 8o + 4 + i] in the high one."""
+    q = torch.randint(0, 16, (48, 96), dtype=torch.uint8)
+    packed = pack_int4(q)
+    assert packed.shape == (3, 96 * 8) and torch.equal(unpack_int4(packed), q)
+    for t, o, c, i in [(0, 0, 0, 0), (1, 5, 7, 3), (2, 11, 15, 2)]:
+        byte = int(packed[t, 64 * o + 4 * c + i])
+        assert byte & 15 == q[16 * t + c, 8 * o + i] and byte >> 4 == q[16 * t + c, 8 * o + 4 + i]
+    s = torch.randn(48, 3)
+    assert tile_groups(s)[1, 2, 5] == s[16 + 5, 2] and torch.equal(untile_groups(tile_groups(s)), s)
+
+
+needs_kernels = pytest.mark.skipif(kernels.load() is None, reason="the C++ int4 kernels cannot be built here")
+
+
+@needs_kernels
+@pytest.mark.parametrize("group_size, symmetric", [(32, True), (32, False), (64, True), (128, False)])
+@pytest.mark.parametrize("M", [1, 2, 7, 13])  # decode (4 tiles per step), 2 tiles, row remainders of 6
+def test_vnni_kernel_equals_the_portable_one_bit_for_bit(group_size, symmetric, M):
+    ext = kernels.load()
+    lin = Int4Linear.from_linear(linear(80, 256), group_size, symmetric)  # 5 tiles: 4 + 1
+    x = torch.randn(M, 256)
+    act = ext.quantize_activations(x, group_size, False)
+    assert all(torch.equal(a, b) for a, b in zip(act, ext.quantize_activations(x, group_size, True)))
+    args = (lin.qweight, lin.scales, lin.mins, group_size)
+    assert torch.equal(ext.int4_matmul(*act, *args, False), ext.int4_matmul(*act, *args, True))
+
+
+@needs_kernels
+def test_kernel_rejects_bad_operands():
+    ext = kernels.load()
+    lin = Int4Linear.from_linear(linear(32, 64), 32, True)
+    act = ext.quantize_activations(torch.randn(1, 64), 32, False)
+    with pytest.raises(RuntimeError, match="scales"):
+        ext.int4_matmul(*act, lin.qweight, lin.scales.float(), None, 32, False)
+    with pytest.raises(RuntimeError, match="qweight"):
+        ext.int4_matmul(*act, lin.qweight[:, :100].contiguous(), lin.scales, None, 32, False)
+
+
+def test_activation_rounding_costs_little():
+    """The kernels quantize activations to int8 per block (as llama.cpp does); the cost against float ones."""
+    x = torch.randn(64, 256)
+    x[:, 3] *= 30  # an outlier channel
+    xq = quantize_activations_reference(x, 32)
+    assert rel(xq, x) <= 0.5 / 127 * 1.001 * x.abs().max() / x.abs().max()  # half a step of the largest block
+    lin = linear(128, 256)
+    exact = lin(x)
+    approx = nn.functional.linear(xq, lin.weight)
+    assert ((approx - exact).norm() / exact.norm()).item() < 0.01
 
 
 @pytest.mark.parametrize("group_size", [32, 64, 128])
 @pytest.mark.parametrize("symmetric", [False, True])
 def test_int4_round_trip_error_is_within_half_a_step(group_size, symmetric):
     w = linear(64, 256).weight.detach()
-    q, scale, zero = quantize_int4(w, group_size, symmetric)
-    err = (dequantize_int4(q, scale, zero) - w).abs().reshape(64, -1, group_size)
-    # one step is `scale`; rounding costs at most half of it (+ bf16 rounding of scale and zero)
+    q, scale, lo = quantize_int4(w, group_size, symmetric)
+    err = (dequantize_int4(q, scale, lo) - w).abs().reshape(64, -1, group_size)
+    # one step is `scale`; rounding costs at most half of it (+ fp16 rounding of scale and min)
     assert (err <= 0.5 * scale[..., None] * 1.02 + 1e-6).all()
 
 
@@ -46,7 +92,7 @@ def test_int4_round_trip_error_is_within_half_a_step(group_size, symmetric):
                                   lambda l: Int4Linear.from_linear(l, 64, symmetric=True), Int8Linear.from_linear],
                          ids=["int4-g32", "int4-g128", "int4-g64-sym", "int8"])
 @pytest.mark.parametrize("M", [1, 7, 300])  # int8: packed kernel (< PREFILL_ROWS rows) and dequantize + GEMM
-@pytest.mark.parametrize("N", [256, 200])  # 200: output rows padded to the kernel's 64-row blocks
+@pytest.mark.parametrize("N", [256, 200])  # 200: output rows padded to 16-row tiles
 def test_fast_kernels_equal_the_dequantize_oracle(make, M, N):
     m = make(linear(N, 256))
     for dtype, bound in ((torch.float32, 1e-3), (torch.bfloat16, 8e-3)):  # bf16: its own rounding, 2^-7
@@ -57,6 +103,10 @@ def test_fast_kernels_equal_the_dequantize_oracle(make, M, N):
         oracle = m(x)
         assert fast.shape == (2, M, N) and fast.dtype == dtype
         assert rel(fast, oracle) <= bound, (dtype, rel(fast, oracle))
+        if isinstance(m, Int4Linear):  # and against dequantize-then-matmul (with the same activation rounding)
+            plain = nn.functional.linear(quantize_activations_reference(x.reshape(-1, 256), m.group_size),
+                                         m.dequantize()).reshape(2, M, N)
+            assert rel(fast, plain) <= bound, (dtype, rel(fast, plain))
 
 
 def tiny(seed=0):

@@ -1,0 +1,299 @@
+// phikit's CPU kernels for 4-bit weights x 8-bit activations (W4A8), compiled on first use by
+// phikit/kernels.py (torch.utils.cpp_extension). Python owns the format; see phikit/quantize.py.
+//
+// Weights, for N output rows (padded to a multiple of 16) and K inputs, in tiles of 16 rows:
+//   qweight  uint8 [N/16, K/8, 64]: in tile t and k-octet o, byte 4c+i holds the code of
+//            row 16t+c at input 8o+i in its low nibble and at input 8o+4+i in its high nibble.
+//   scales   fp16  [N/16, K/g, 16] and, for the asymmetric format, mins fp16 [N/16, K/g, 16]:
+//            w = q * scale + min (symmetric: min = -8 * scale).
+// Activations are quantized per row in blocks of g (the weight group size): xq int8 with one
+// float scale per block (xq = round(x / s), s = max|x| / 127) and the block's sum of codes.
+// Then   y[m, n] = sum_b  s_x[m,b] * (scale[n,b] * sum_{k in b} q[n,k] xq[m,k] + min[n,b] * xsum[m,b]),
+// accumulated in float per block, in this order, by both the AVX512-VNNI path and the portable path.
+//
+// The layout puts 16 output rows x 4 inputs in one 64-byte vector after unpacking, the operand
+// VPDPBUSD multiplies with 4 broadcast activation bytes: an outer-product kernel that keeps
+// MR x 16*NV accumulators in registers (MR rows of activations; MR = 1 when decoding).
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#define PHIKIT_X86 1
+#endif
+
+namespace {
+
+inline float half_to_float(uint16_t h) { return static_cast<float>(c10::Half(h, c10::Half::from_bits())); }
+
+// ---- activation quantization -------------------------------------------------------------------
+
+void quantize_block(const float* x, int g, int8_t* q, float* scale, int32_t* sum) {
+  float amax = 0.f;
+  for (int i = 0; i < g; ++i) amax = std::max(amax, std::fabs(x[i]));
+  const float s = amax / 127.f;
+  const float inv = amax > 0.f ? 127.f / amax : 0.f;
+  int32_t acc = 0;
+  for (int i = 0; i < g; ++i) {
+    const int v = static_cast<int>(std::nearbyint(x[i] * inv));  // round half to even, as cvtps2dq
+    q[i] = static_cast<int8_t>(std::min(127, std::max(-127, v)));
+    acc += q[i];
+  }
+  *scale = s;
+  *sum = acc;
+}
+
+// ---- portable kernel (any CPU): the same arithmetic, one output at a time -----------------------
+
+template <bool SYM>
+void tile_ref(const int8_t* xq, const float* xs, const int32_t* xsum, int64_t ldx, int64_t nb, int g,
+              const uint8_t* wq, const uint16_t* sc, const uint16_t* mn, float* y, int64_t ldy, int mr, int nt) {
+  for (int v = 0; v < nt; ++v) {
+    const uint8_t* w = wq + v * (nb * g * 8);
+    const uint16_t* s = sc + v * (nb * 16);
+    const uint16_t* z = SYM ? nullptr : mn + v * (nb * 16);
+    for (int m = 0; m < mr; ++m) {
+      for (int c = 0; c < 16; ++c) {
+        float acc = 0.f;
+        for (int64_t b = 0; b < nb; ++b) {
+          int32_t dot = SYM ? -8 * xsum[m * nb + b] : 0;
+          for (int o = 0; o < g / 8; ++o) {
+            const int64_t k = b * g + 8 * o;
+            const uint8_t* bytes = w + (k / 8) * 64 + 4 * c;
+            for (int i = 0; i < 4; ++i) {
+              dot += (bytes[i] & 15) * xq[m * ldx + k + i];
+              dot += (bytes[i] >> 4) * xq[m * ldx + k + 4 + i];
+            }
+          }
+          const float sx = xs[m * nb + b];
+          acc = std::fma(static_cast<float>(dot), half_to_float(s[b * 16 + c]) * sx, acc);
+          if (!SYM) acc = std::fma(half_to_float(z[b * 16 + c]), sx * static_cast<float>(xsum[m * nb + b]), acc);
+        }
+        y[m * ldy + 16 * v + c] = acc;
+      }
+    }
+  }
+}
+
+// ---- AVX512-VNNI kernel --------------------------------------------------------------------------
+
+#ifdef PHIKIT_X86
+#define PHIKIT_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,f16c,fma")))
+
+PHIKIT_TARGET void quantize_row_avx512(const float* x, int64_t K, int g, int8_t* q, float* s, int32_t* sums) {
+  for (int64_t b = 0; b < K / g; ++b) {
+    const float* xb = x + b * g;
+    __m512 amax = _mm512_setzero_ps();
+    for (int i = 0; i < g; i += 16) amax = _mm512_max_ps(amax, _mm512_abs_ps(_mm512_loadu_ps(xb + i)));
+    const float a = _mm512_reduce_max_ps(amax);
+    const __m512 inv = _mm512_set1_ps(a > 0.f ? 127.f / a : 0.f);
+    __m512i acc = _mm512_setzero_si512();
+    for (int i = 0; i < g; i += 16) {
+      __m512i v = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(xb + i), inv));  // round to nearest even
+      v = _mm512_max_epi32(_mm512_min_epi32(v, _mm512_set1_epi32(127)), _mm512_set1_epi32(-127));
+      acc = _mm512_add_epi32(acc, v);
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(q + b * g + i), _mm512_cvtepi32_epi8(v));
+    }
+    s[b] = a / 127.f;
+    sums[b] = _mm512_reduce_add_epi32(acc);
+  }
+}
+
+template <int MR, int NV, bool SYM>
+PHIKIT_TARGET void tile_vnni(const int8_t* xq, const float* xs, const int32_t* xsum, int64_t ldx, int64_t nb, int g,
+                             const uint8_t* wq, const uint16_t* sc, const uint16_t* mn, float* y, int64_t ldy) {
+  const int64_t wstride = nb * g * 8, sstride = nb * 16;
+  const __m512i low4 = _mm512_set1_epi8(0x0F);
+  __m512 facc[MR][NV];
+  for (int m = 0; m < MR; ++m)
+    for (int v = 0; v < NV; ++v) facc[m][v] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < nb; ++b) {
+    __m512i iacc[MR][NV];
+    for (int m = 0; m < MR; ++m) {
+      const __m512i init = SYM ? _mm512_set1_epi32(-8 * xsum[m * nb + b]) : _mm512_setzero_si512();
+      for (int v = 0; v < NV; ++v) iacc[m][v] = init;
+    }
+    const uint8_t* wb = wq + b * g * 8;
+    const int8_t* xb = xq + b * g;
+    for (int o = 0; o < g / 8; ++o) {
+      __m512i lo[NV], hi[NV];
+      for (int v = 0; v < NV; ++v) {
+        const __m512i raw = _mm512_loadu_si512(wb + v * wstride + o * 64);
+        lo[v] = _mm512_and_si512(raw, low4);
+        hi[v] = _mm512_and_si512(_mm512_srli_epi16(raw, 4), low4);
+      }
+      for (int m = 0; m < MR; ++m) {
+        int32_t a0, a1;
+        std::memcpy(&a0, xb + m * ldx + 8 * o, 4);
+        std::memcpy(&a1, xb + m * ldx + 8 * o + 4, 4);
+        const __m512i b0 = _mm512_set1_epi32(a0), b1 = _mm512_set1_epi32(a1);
+        for (int v = 0; v < NV; ++v) {
+          iacc[m][v] = _mm512_dpbusd_epi32(iacc[m][v], lo[v], b0);
+          iacc[m][v] = _mm512_dpbusd_epi32(iacc[m][v], hi[v], b1);
+        }
+      }
+    }
+    __m512 s[NV], z[NV];
+    for (int v = 0; v < NV; ++v) {
+      s[v] = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sc + v * sstride + b * 16)));
+      if (!SYM) z[v] = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(mn + v * sstride + b * 16)));
+    }
+    for (int m = 0; m < MR; ++m) {
+      const float sxf = xs[m * nb + b];
+      const __m512 sx = _mm512_set1_ps(sxf);
+      for (int v = 0; v < NV; ++v) {
+        facc[m][v] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(iacc[m][v]), _mm512_mul_ps(s[v], sx), facc[m][v]);
+        if (!SYM) facc[m][v] = _mm512_fmadd_ps(z[v], _mm512_set1_ps(sxf * static_cast<float>(xsum[m * nb + b])), facc[m][v]);
+      }
+    }
+  }
+  for (int m = 0; m < MR; ++m)
+    for (int v = 0; v < NV; ++v) _mm512_storeu_ps(y + m * ldy + 16 * v, facc[m][v]);
+}
+
+template <int NV, bool SYM>
+void rows_vnni(int mr, const int8_t* xq, const float* xs, const int32_t* xsum, int64_t ldx, int64_t nb, int g,
+               const uint8_t* wq, const uint16_t* sc, const uint16_t* mn, float* y, int64_t ldy) {
+  switch (mr) {
+    case 1: return tile_vnni<1, NV, SYM>(xq, xs, xsum, ldx, nb, g, wq, sc, mn, y, ldy);
+    case 2: return tile_vnni<2, NV, SYM>(xq, xs, xsum, ldx, nb, g, wq, sc, mn, y, ldy);
+    case 3: return tile_vnni<3, NV, SYM>(xq, xs, xsum, ldx, nb, g, wq, sc, mn, y, ldy);
+    case 4: return tile_vnni<4, NV, SYM>(xq, xs, xsum, ldx, nb, g, wq, sc, mn, y, ldy);
+    case 5: return tile_vnni<5, NV, SYM>(xq, xs, xsum, ldx, nb, g, wq, sc, mn, y, ldy);
+    default: return tile_vnni<6, NV, SYM>(xq, xs, xsum, ldx, nb, g, wq, sc, mn, y, ldy);
+  }
+}
+
+bool has_vnni() {
+  static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
+  return ok;
+}
+#else
+bool has_vnni() { return false; }
+#endif
+
+constexpr int MR_MAX = 6;
+
+void check_inputs(const torch::Tensor& xq, const torch::Tensor& xs, const torch::Tensor& xsum, const torch::Tensor& qweight,
+                  const torch::Tensor& scales, const c10::optional<torch::Tensor>& mins, int64_t g) {
+  TORCH_CHECK(xq.dtype() == torch::kInt8 && xq.dim() == 2 && xq.is_contiguous(), "xq: contiguous int8 [M, K]");
+  const int64_t M = xq.size(0), K = xq.size(1);
+  TORCH_CHECK(g % 16 == 0 && K % g == 0, "group size must be a multiple of 16 dividing K");
+  TORCH_CHECK(xs.dtype() == torch::kFloat32 && xs.is_contiguous() && xs.numel() == M * (K / g), "xs: float32 [M, K/g]");
+  TORCH_CHECK(xsum.dtype() == torch::kInt32 && xsum.is_contiguous() && xsum.numel() == M * (K / g), "xsum: int32 [M, K/g]");
+  TORCH_CHECK(qweight.dtype() == torch::kUInt8 && qweight.is_contiguous() && qweight.dim() == 2 && qweight.size(1) == K * 8,
+              "qweight: contiguous uint8 [N/16, K*8]");
+  const int64_t T = qweight.size(0);
+  TORCH_CHECK(scales.dtype() == torch::kFloat16 && scales.is_contiguous() && scales.numel() == T * (K / g) * 16,
+              "scales: contiguous float16 [N/16, K/g, 16]");
+  if (mins) TORCH_CHECK(mins->dtype() == torch::kFloat16 && mins->is_contiguous() && mins->numel() == scales.numel(),
+                        "mins: like scales");
+}
+
+}  // namespace
+
+// x float32 [M, K] -> (xq int8 [M, K], scale float32 [M, K/g], code sum int32 [M, K/g])
+std::vector<torch::Tensor> quantize_activations(torch::Tensor x, int64_t g, bool portable) {
+  TORCH_CHECK(x.dtype() == torch::kFloat32 && x.dim() == 2, "x: float32 [M, K]");
+  x = x.contiguous();
+  const int64_t M = x.size(0), K = x.size(1);
+  TORCH_CHECK(g % 16 == 0 && K % g == 0, "group size must be a multiple of 16 dividing K");
+  auto q = torch::empty({M, K}, torch::kInt8);
+  auto s = torch::empty({M, K / g}, torch::kFloat32);
+  auto sums = torch::empty({M, K / g}, torch::kInt32);
+#ifdef PHIKIT_X86
+  if (has_vnni() && !portable) {
+    const float* xp = x.data_ptr<float>();
+    int8_t* qp = q.data_ptr<int8_t>();
+    float* sp = s.data_ptr<float>();
+    int32_t* up = sums.data_ptr<int32_t>();
+    at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
+      for (int64_t m = m0; m < m1; ++m)
+        quantize_row_avx512(xp + m * K, K, static_cast<int>(g), qp + m * K, sp + m * (K / g), up + m * (K / g));
+    });
+    return {q, s, sums};
+  }
+#endif
+  const float* xp = x.data_ptr<float>();
+  int8_t* qp = q.data_ptr<int8_t>();
+  float* sp = s.data_ptr<float>();
+  int32_t* up = sums.data_ptr<int32_t>();
+  const int64_t nb = K / g;
+  at::parallel_for(0, M * nb, 64, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) quantize_block(xp + i * g, static_cast<int>(g), qp + i * g, sp + i, up + i);
+  });
+  return {q, s, sums};
+}
+
+// y float32 [M, N/16*16] = dequant(W) applied to quantized activations (see the header comment).
+torch::Tensor int4_matmul(torch::Tensor xq, torch::Tensor xs, torch::Tensor xsum, torch::Tensor qweight,
+                          torch::Tensor scales, c10::optional<torch::Tensor> mins, int64_t g, bool portable) {
+  check_inputs(xq, xs, xsum, qweight, scales, mins, g);
+  const int64_t M = xq.size(0), K = xq.size(1), T = qweight.size(0), nb = K / g;
+  auto y = torch::empty({M, T * 16}, torch::kFloat32);
+  const int8_t* xp = xq.data_ptr<int8_t>();
+  const float* sxp = xs.data_ptr<float>();
+  const int32_t* sump = xsum.data_ptr<int32_t>();
+  const uint8_t* wp = qweight.data_ptr<uint8_t>();
+  const uint16_t* sp = reinterpret_cast<const uint16_t*>(scales.data_ptr<at::Half>());
+  const uint16_t* zp = mins ? reinterpret_cast<const uint16_t*>(mins->data_ptr<at::Half>()) : nullptr;
+  float* yp = y.data_ptr<float>();
+  const bool sym = !mins.has_value();
+  const int gi = static_cast<int>(g);
+  const int64_t wstride = K * 8, sstride = nb * 16;
+  const int nv = M == 1 ? 4 : 2;  // output tiles per step: decoding streams 4 tiles, prefill reuses 2 over MR rows
+  const int64_t steps = (T + nv - 1) / nv;
+  const bool vnni = has_vnni() && !portable;
+  at::parallel_for(0, steps, 1, [&](int64_t s0, int64_t s1) {
+    for (int64_t st = s0; st < s1; ++st) {
+      const int64_t t0 = st * nv;
+      const int tiles = static_cast<int>(std::min<int64_t>(nv, T - t0));
+      for (int64_t m0 = 0; m0 < M; m0 += MR_MAX) {
+        const int mr = static_cast<int>(std::min<int64_t>(MR_MAX, M - m0));
+        const int8_t* x = xp + m0 * K;
+        const float* sx = sxp + m0 * nb;
+        const int32_t* su = sump + m0 * nb;
+        float* yo = yp + m0 * (T * 16) + t0 * 16;
+        const uint8_t* w = wp + t0 * wstride;
+        const uint16_t* s = sp + t0 * sstride;
+        const uint16_t* z = zp ? zp + t0 * sstride : nullptr;
+        if (!vnni) {
+          if (sym) tile_ref<true>(x, sx, su, K, nb, gi, w, s, z, yo, T * 16, mr, tiles);
+          else tile_ref<false>(x, sx, su, K, nb, gi, w, s, z, yo, T * 16, mr, tiles);
+          continue;
+        }
+#ifdef PHIKIT_X86
+        if (tiles == 4 && mr == 1) {
+          if (sym) tile_vnni<1, 4, true>(x, sx, su, K, nb, gi, w, s, z, yo, T * 16);
+          else tile_vnni<1, 4, false>(x, sx, su, K, nb, gi, w, s, z, yo, T * 16);
+        } else if (tiles == 2) {
+          if (sym) rows_vnni<2, true>(mr, x, sx, su, K, nb, gi, w, s, z, yo, T * 16);
+          else rows_vnni<2, false>(mr, x, sx, su, K, nb, gi, w, s, z, yo, T * 16);
+        } else {
+          for (int v = 0; v < tiles; ++v) {
+            if (sym) rows_vnni<1, true>(mr, x, sx, su, K, nb, gi, w + v * wstride, s + v * sstride, z, yo + 16 * v, T * 16);
+            else rows_vnni<1, false>(mr, x, sx, su, K, nb, gi, w + v * wstride, s + v * sstride, z + v * sstride,
+                                     yo + 16 * v, T * 16);
+          }
+        }
+#endif
+      }
+    }
+  });
+  return y;
+}
+
+bool vnni_available() { return has_vnni(); }
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("quantize_activations", &quantize_activations, "x float32 [M,K] -> int8 codes, block scales, block code sums");
+  m.def("int4_matmul", &int4_matmul, "4-bit weights x 8-bit activations -> float32 [M, N padded to 16]");
+  m.def("vnni_available", &vnni_available, "whether this CPU runs the AVX512-VNNI kernels");
+}
