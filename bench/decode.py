@@ -5,11 +5,14 @@
     python bench/decode.py --json          # one JSON list of rows instead of the table
 
 Random weights are generated once (seeded) in the Phi-3-mini-4k configuration and written as a
-bf16 safetensors checkpoint; `phikit quantize` makes int4 (group 32 and 128) and int8 checkpoints
-from it, and `phikit convert` makes the GGUF files llama.cpp runs (Q4_0, Q8_0, F16) from the same
-weights. Every measurement runs in a fresh process (so peak RSS is that engine's alone), with the
-same thread count for both engines: decode = 128 greedy tokens after a 16-token prompt, prefill =
-one 512-token prompt. The context allocated is 4096 tokens for both engines.
+bf16 safetensors checkpoint; `phikit quantize` makes int4 (group 32 symmetric and asymmetric, group
+128) and int8 (group 32) checkpoints from it, and `phikit convert` makes the GGUF files llama.cpp
+runs (Q4_0, Q4_1, Q8_0, F16) from the same weights; each phikit format is compared with the GGUF
+type of the same layout and size (every matrix quantized, embedding included). Every measurement
+runs in a fresh process (so peak RSS is that engine's alone), with the same thread count for both
+engines: decode = 128 greedy tokens after a 16-token prompt, then prefill = one 512-token prompt.
+The context allocated is 4096 tokens for both engines. Peak RSS (GiB) is read after decoding
+(dec) and at the end (all: the 512-token prefill adds its KV cache and activations).
 
 The ceiling is the machine's measured read bandwidth divided by the bytes of weights read per
 token (every matrix once; the embedding table is only indexed). llama.cpp is optional
@@ -27,10 +30,12 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-FORMATS = {  # name -> (phikit quantize args | None for bf16, llama.cpp GGUF type of comparable size)
-    "int4-g32": (["--bits", "4", "--group-size", "32"], "q4_0"),
-    "int4-g128": (["--bits", "4", "--group-size", "128"], "q4_0"),
-    "int8": (["--bits", "8"], "q8_0"),
+ALL4 = ["--keep-8bit", "none", "--embedding-bits", "4"]  # every matrix at 4 bits, as in the GGUF files compared
+FORMATS = {  # name -> (phikit quantize args | None for bf16, llama.cpp GGUF type of the same layout and size)
+    "int4-g32": (["--bits", "4", "--group-size", "32", "--symmetric", *ALL4], "q4_0"),  # 4.5 bits/weight, as Q4_0
+    "int4-g32a": (["--bits", "4", "--group-size", "32", *ALL4], "q4_1"),                # asymmetric: 5 bits, as Q4_1
+    "int4-g128": (["--bits", "4", "--group-size", "128", "--symmetric", *ALL4], "q4_0"),  # 4.125 bits/weight
+    "int8": (["--bits", "8", "--group-size", "32"], "q8_0"),                           # 8.5 bits/weight, as Q8_0
     "bf16": (None, "f16"),
 }
 
@@ -67,14 +72,26 @@ def prepare(cache: Path, layers: int) -> dict:
     for name, (args, _) in FORMATS.items():
         if args is not None:
             paths[name] = cache / f"{src.name}-{name}"
-            if not (paths[name] / "config.json").exists():
+            if not _current(paths[name], args):
                 _run([sys.executable, "-m", "phikit", "quantize", "--model", str(src), "--out", str(paths[name]), *args])
+                (paths[name] / "bench-args.json").write_text(json.dumps(args))
     for gtype in sorted({g for _, g in FORMATS.values()}):
         paths[gtype] = cache / f"{src.name}.{gtype}.gguf"
         if not paths[gtype].exists():
             _run([sys.executable, "-m", "phikit", "convert", "--model", str(src), "--to", "gguf", "--type", gtype,
                   "--out", str(paths[gtype])])
     return {k: str(v) for k, v in paths.items()}
+
+
+def _current(path: Path, args: list[str]) -> bool:
+    """A quantized checkpoint made with these arguments in this phikit's format (others are rebuilt)."""
+    from phikit.quantize import FORMAT
+
+    try:
+        return (json.loads((path / "config.json").read_text())["phikit_quantization"]["format"] == FORMAT
+                and json.loads((path / "bench-args.json").read_text()) == args)
+    except (OSError, KeyError, ValueError):
+        return False
 
 
 def _run(cmd):
@@ -85,7 +102,7 @@ def _run(cmd):
 # ---- one measurement, in a child process ----------------------------------------------------------
 
 def peak_rss_gb() -> float:
-    """This process's peak resident memory (VmHWM: unlike ru_maxrss, not inherited from the parent)."""
+    """This process's peak resident memory in GiB (VmHWM: unlike ru_maxrss, not inherited from the parent)."""
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 1024**2
@@ -102,14 +119,8 @@ def measure_phikit(path: str, threads: int, prompt_len: int, new_tokens: int, pr
     model, _ = phikit.load(path, dtype=torch.bfloat16)
     vocab = model.cfg.vocab_size
     g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, vocab, (prefill_len,), generator=g)
     with torch.no_grad():
-        # prefill: one prompt of prefill_len tokens
-        model.setup_cache(1, ctx)
-        ids = torch.randint(0, vocab, (prefill_len,), generator=g)
-        prefill(model, ids[:32], 0)  # warm-up
-        t = time.perf_counter()
-        prefill(model, ids, 0)
-        prefill_s = time.perf_counter() - t
         # decode: new_tokens greedy steps after a short prompt
         model.setup_cache(1, ctx)
         logits = prefill(model, ids[:prompt_len], 0)
@@ -120,7 +131,15 @@ def measure_phikit(path: str, threads: int, prompt_len: int, new_tokens: int, pr
         for i in range(new_tokens):
             tok = decode_one(model, tok, pos + i).argmax(-1)
         decode_s = time.perf_counter() - t
-    return {"decode_tok_s": new_tokens / decode_s, "prefill_tok_s": prefill_len / prefill_s, "peak_rss_gb": peak_rss_gb()}
+        decode_rss = peak_rss_gb()
+        # prefill: one prompt of prefill_len tokens
+        model.setup_cache(1, ctx)
+        prefill(model, ids[:32], 0)  # warm-up
+        t = time.perf_counter()
+        prefill(model, ids, 0)
+        prefill_s = time.perf_counter() - t
+    return {"decode_tok_s": new_tokens / decode_s, "prefill_tok_s": prefill_len / prefill_s,
+            "decode_peak_rss_gb": decode_rss, "peak_rss_gb": peak_rss_gb()}
 
 
 def measure_llamacpp(path: str, threads: int, prompt_len: int, new_tokens: int, prefill_len: int, ctx: int) -> dict:
@@ -132,19 +151,21 @@ def measure_llamacpp(path: str, threads: int, prompt_len: int, new_tokens: int, 
                 verbose=False)
     rnd = random.Random(0)
     ids = [rnd.randrange(100, 32000) for _ in range(prefill_len)]
-    llm.eval(ids[:32])  # warm-up
-    llm.reset()
-    t = time.perf_counter()
-    llm.eval(ids)
-    prefill_s = time.perf_counter() - t
-    llm.reset()
     llm.eval(ids[:prompt_len])
     t = time.perf_counter()
     for _ in range(new_tokens):
         tok = llm.sample(temp=0.0, top_k=1)
         llm.eval([tok])
     decode_s = time.perf_counter() - t
-    return {"decode_tok_s": new_tokens / decode_s, "prefill_tok_s": prefill_len / prefill_s, "peak_rss_gb": peak_rss_gb()}
+    decode_rss = peak_rss_gb()
+    llm.reset()
+    llm.eval(ids[:32])  # warm-up
+    llm.reset()
+    t = time.perf_counter()
+    llm.eval(ids)
+    prefill_s = time.perf_counter() - t
+    return {"decode_tok_s": new_tokens / decode_s, "prefill_tok_s": prefill_len / prefill_s,
+            "decode_peak_rss_gb": decode_rss, "peak_rss_gb": peak_rss_gb()}
 
 
 def bandwidth_gb_s(threads: int) -> float:
@@ -237,11 +258,11 @@ def main(argv=None) -> int:
     print(f"\nPhi-3-mini shapes, {args.layers} layers; decode: {args.new_tokens} tokens after 16; "
           f"prefill: {args.prefill} tokens; context 4096")
     print(f"{'threads':>7} {'engine':<10} {'format':<10} {'decode tok/s':>12} {'prefill tok/s':>13} "
-          f"{'peak RSS GB':>11} {'decode vs llama.cpp':>20} {'prefill vs llama.cpp':>21}")
+          f"{'RSS GiB dec/all':>15} {'decode vs llama.cpp':>20} {'prefill vs llama.cpp':>21}")
     for r in rows:
         if r["engine"] == "ceiling":
             print(f"{r['threads']:>7} {'ceiling':<10} {r['format']:<10} {r['decode_tok_s']:>12.1f} "
-                  f"{'':>13} {'':>11}   ({r['bandwidth_gb_s']:.1f} GB/s read)")
+                  f"{'':>13} {'':>15}   ({r['bandwidth_gb_s']:.1f} GB/s read)")
             continue
         ref = None
         if r["engine"] == "phikit":
@@ -251,7 +272,7 @@ def main(argv=None) -> int:
         dec = f"{r['decode_tok_s'] / ref['decode_tok_s']:.2f}x {ref['format']}" if ref else ""
         pre = f"{r['prefill_tok_s'] / ref['prefill_tok_s']:.2f}x {ref['format']}" if ref else ""
         print(f"{r['threads']:>7} {r['engine']:<10} {r['format']:<10} {r['decode_tok_s']:>12.1f} "
-              f"{r['prefill_tok_s']:>13.1f} {r['peak_rss_gb']:>11.2f} {dec:>20} {pre:>21}")
+              f"{r['prefill_tok_s']:>13.1f} {r['decode_peak_rss_gb']:>7.2f}/{r['peak_rss_gb']:<7.2f} {dec:>20} {pre:>21}")
     return 0
 
 

@@ -293,7 +293,7 @@ def tokenizer_from_gguf(reader, path: Path):
 
 
 # ---- export ---------------------------------------------------------------------------------------
-EXPORT_TYPES = ("f16", "q8_0", "q4_0")
+EXPORT_TYPES = ("f16", "q8_0", "q4_0", "q4_1")
 
 
 def _gguf_vocab(tokenizer, cfg: Config) -> dict:
@@ -343,7 +343,7 @@ def _gguf_vocab(tokenizer, cfg: Config) -> dict:
 
 
 def save_gguf(model: Phi3, tokenizer, path: str | os.PathLike, qtype: str = "f16") -> Path:
-    """Write model and tokenizer as a GGUF file llama.cpp runs; 2-D weights in `qtype` (f16, q8_0, q4_0)."""
+    """Write model and tokenizer as a GGUF file llama.cpp runs; 2-D weights in `qtype` (f16, q8_0, q4_0, q4_1)."""
     import gguf
 
     if qtype not in EXPORT_TYPES:
@@ -377,7 +377,7 @@ def save_gguf(model: Phi3, tokenizer, path: str | os.PathLike, qtype: str = "f16
     else:
         w.add_vocab_size(cfg.vocab_size)
     file_type = {"f16": gguf.LlamaFileType.MOSTLY_F16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
-                 "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0}[qtype]
+                 "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0, "q4_1": gguf.LlamaFileType.MOSTLY_Q4_1}[qtype]
     w.add_file_type(file_type)
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
 

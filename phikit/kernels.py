@@ -1,10 +1,11 @@
-"""The compiled CPU kernels (phikit/csrc/int4_kernels.cpp), built on first use and cached.
+"""The compiled CPU kernels (phikit/csrc/quant_kernels.cpp), built on first use and cached.
 
-torch.utils.cpp_extension compiles the file with the system's C++ compiler the first time a 4-bit
-model runs (about a minute on 2 cores; the result is cached under ~/.cache/torch_extensions, or
-$TORCH_EXTENSIONS_DIR, and reused by later processes). The kernels pick AVX512-VNNI code when the
-CPU has it and portable C++ otherwise. Without a compiler, or with PHIKIT_KERNELS=0, `load()` returns
-None and the quantized layers use a pure-PyTorch path with the same arithmetic (correct, slow).
+torch.utils.cpp_extension compiles the file with the system's C++ compiler (and ninja, a phikit
+dependency) the first time a quantized model runs: about 30 s on 2 cores; the result is cached
+under ~/.cache/torch_extensions (or $TORCH_EXTENSIONS_DIR) and reused by later processes. The
+kernels run AVX512-VNNI code when the CPU has it and portable C++ otherwise. Without a compiler, or
+with PHIKIT_KERNELS=0, `load()` returns None and quantized layers use a pure-PyTorch path with the
+same activation rounding (correct, much slower).
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ import sys
 import warnings
 from pathlib import Path
 
-_SOURCE = Path(__file__).parent / "csrc" / "int4_kernels.cpp"
+_SOURCE = Path(__file__).parent / "csrc" / "quant_kernels.cpp"
+_NAME = "phikit_quant_v1"
 _state: dict = {}
 
 
@@ -27,23 +29,24 @@ def load():
         _state["reason"] = "disabled by PHIKIT_KERNELS=0"
     else:
         try:
-            from torch.utils.cpp_extension import load as build
+            from torch.utils.cpp_extension import _get_build_directory, load as build
 
-            if not os.environ.get("PHIKIT_QUIET"):
-                print("[phikit] loading the int4 CPU kernels (compiled once, then cached)", file=sys.stderr)
-            module = build(name="phikit_int4_v1", sources=[str(_SOURCE)], verbose=False,
+            if not list(Path(_get_build_directory(_NAME, False)).glob(f"{_NAME}*.so")):
+                print("[phikit] compiling the quantized-matmul CPU kernels (first use only, about a minute)",
+                      file=sys.stderr)
+            module = build(name=_NAME, sources=[str(_SOURCE)], verbose=False,
                            extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"])
         except Exception as e:  # no compiler, no ninja, a build error: fall back, say why
             _state["reason"] = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
-            warnings.warn(f"phikit: the compiled int4 kernels are unavailable ({_state['reason']}); "
-                          "4-bit layers fall back to a slow pure-PyTorch path", RuntimeWarning, stacklevel=2)
+            warnings.warn(f"phikit: the compiled quantized-matmul kernels are unavailable ({_state['reason']}); "
+                          "quantized layers fall back to a slow pure-PyTorch path", RuntimeWarning, stacklevel=2)
     _state["module"] = module
     return module
 
 
 def status() -> str:
-    """One line for --help texts and benchmarks: which int4 kernel runs."""
+    """One line for logs and benchmarks: which quantized-matmul kernel runs."""
     m = load()
     if m is None:
-        return f"int4 kernels: pure PyTorch fallback ({_state.get('reason', '')})"
-    return "int4 kernels: AVX512-VNNI" if m.vnni_available() else "int4 kernels: portable C++ (no AVX512-VNNI)"
+        return f"pure PyTorch fallback ({_state.get('reason', '')})"
+    return "AVX512-VNNI" if m.vnni_available() else "portable C++ (this CPU has no AVX512-VNNI)"

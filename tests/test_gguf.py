@@ -88,7 +88,7 @@ def exported(request, tmp_path_factory):
     write_checkpoint(tiny_config(preset, **overrides), path)
     build(preset, path)
     model, tok = phikit.load(path)
-    files = {q: save_gguf(model, tok, path / f"model.{q}.gguf", q) for q in ("f16", "q8_0", "q4_0")}
+    files = {q: save_gguf(model, tok, path / f"model.{q}.gguf", q) for q in ("f16", "q8_0", "q4_0", "q4_1")}
     return model, tok, files
 
 
@@ -109,7 +109,7 @@ def _quantize_like_gguf(model, qtype):
     return out
 
 
-@pytest.mark.parametrize("qtype", ["f16", "q8_0", "q4_0"])
+@pytest.mark.parametrize("qtype", ["f16", "q8_0", "q4_0", "q4_1"])
 def test_export_round_trip(exported, qtype):
     model, _, files = exported
     again, _ = load_gguf(files[qtype])

@@ -17,7 +17,7 @@ def parser() -> argparse.ArgumentParser:
     add_model_args(p)
     p.add_argument("--to", required=True, choices=("gguf", "hf"), help="output format (required)")
     p.add_argument("--out", required=True, help="output .gguf file, or directory for --to hf (required)")
-    p.add_argument("--type", default="f16", choices=("f16", "q8_0", "q4_0"),
+    p.add_argument("--type", default="f16", choices=("f16", "q8_0", "q4_0", "q4_1"),
                    help="GGUF type of the weight matrices; norms stay F32 (default: f16)")
     return p
 

@@ -33,10 +33,16 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output checkpoint directory (required)")
     p.add_argument("--bits", type=int, default=4, choices=(4, 8), help="bits per weight (default: 4)")
     p.add_argument("--group-size", type=int, default=32, choices=(32, 64, 128),
-                   help="weights per int4 scale/zero group (default: 32)")
-    p.add_argument("--symmetric", action="store_true", help="symmetric int4 groups, no zero point (default: off)")
-    p.add_argument("--keep-8bit", default="", metavar="NAMES",
-                   help="comma-separated layers kept at 8 bits, e.g. down_proj,lm_head (default: none)")
+                   help="consecutive weights of a row sharing one fp16 scale (default: 32)")
+    p.add_argument("--symmetric", action="store_true",
+                   help="4 bits: symmetric groups, w = (q - 8) * scale, 4.5 bits/weight at group 32 like llama.cpp's "
+                        "Q4_0; default: asymmetric, w = q * scale + min, 5 bits/weight like Q4_1 (8 bits are "
+                        "always symmetric)")
+    p.add_argument("--embedding-bits", type=int, default=8, choices=(4, 8),
+                   help="bits of the token embedding table (default: 8)")
+    p.add_argument("--keep-8bit", default="lm_head", metavar="NAMES",
+                   help="with --bits 4: comma-separated layers kept at 8 bits, e.g. down_proj,lm_head, or 'none' "
+                        "(default: lm_head, the output layer, as llama.cpp keeps it at 6 bits)")
     p.add_argument("--check", action="store_true",
                    help="measure perplexity, KL and top-1 agreement against the float model on held-out text, "
                         "and refuse to write a checkpoint that fails the gate (default: off)")
@@ -45,14 +51,14 @@ def parser() -> argparse.ArgumentParser:
 
 
 def quantize_streaming(ckpt: Path, bits: int, group_size: int, symmetric: bool, keep_8bit: tuple[str, ...],
-                       dtype: torch.dtype | None):
+                       dtype: torch.dtype | None, embedding_bits: int = 8):
     """A quantized Phi3 built from an HF safetensors directory, one float matrix in memory at a time."""
     from tqdm import tqdm
 
     from ..checkpoint import _weight_files, copying_reader, hf_parts
     from ..config import Config
     from ..model import Phi3
-    from ..quantize import Int4Linear, Int8Embedding, Int8Linear, quantize_model
+    from ..quantize import QuantTensor, quantize_model
 
     cfg = Config.from_file(ckpt / "config.json")
     if cfg.quantization is not None:
@@ -61,7 +67,7 @@ def quantize_streaming(ckpt: Path, bits: int, group_size: int, symmetric: bool, 
     with torch.device("meta"):  # the structure only: quantized shells on meta hold no memory either
         model = Phi3(cfg)
         float_shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-        quantize_model(model, bits, group_size, symmetric, keep_8bit)
+        quantize_model(model, bits, group_size, symmetric, keep_8bit, embedding_bits)
 
     def load_float(name: str) -> torch.Tensor:
         if name == "lm_head.weight" and cfg.tie_embeddings:
@@ -72,29 +78,21 @@ def quantize_streaming(ckpt: Path, bits: int, group_size: int, symmetric: bool, 
     state = {}
     modules = dict(model.named_modules())
     for name, module in tqdm(list(modules.items()), desc="quantize", unit="layer", file=sys.stderr):
-        if isinstance(module, (Int4Linear, Int8Linear)):
-            linear = torch.nn.Linear(module.in_features, module.out_features, bias=False, device="meta")
-            linear.weight = torch.nn.Parameter(load_float(f"{name}.weight"), requires_grad=False)
-            new = Int4Linear.from_linear(linear, group_size, symmetric) if isinstance(module, Int4Linear) \
-                else Int8Linear.from_linear(linear)
-        elif isinstance(module, Int8Embedding):
-            emb = torch.nn.Embedding(*float_shapes["embed_tokens.weight"], device="meta")
-            emb.weight = torch.nn.Parameter(load_float("embed_tokens.weight"), requires_grad=False)
-            new = Int8Embedding.from_embedding(emb)
-        else:
-            for pname, _ in module.named_parameters(recurse=False):
-                t = load_float(f"{name}.{pname}" if name else pname)
-                state[f"{name}.{pname}" if name else pname] = t.to(dtype or t.dtype)
+        if isinstance(module, QuantTensor):  # a quantized shell on meta: fill it from the float matrix
+            module = module.to_empty(device="cpu")
+            module.set_weight(load_float("embed_tokens.weight" if name == "embed_tokens" else f"{name}.weight"))
+            state.update({f"{name}.{b}": buf for b, buf in module.named_buffers()})
             continue
-        for bname, buf in new.named_buffers():
-            state[f"{name}.{bname}"] = buf
+        for pname, _ in module.named_parameters(recurse=False):
+            t = load_float(f"{name}.{pname}" if name else pname)
+            state[f"{name}.{pname}" if name else pname] = t.to(dtype or t.dtype)
     model.load_state_dict(state, assign=True, strict=True)
     return model.eval()
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    keep = tuple(k.strip() for k in args.keep_8bit.split(",") if k.strip())
+    keep = tuple(k.strip() for k in args.keep_8bit.split(",") if k.strip() and k.strip().lower() != "none")
     t0 = time.perf_counter()
     from ..checkpoint import resolve, save
     from ..eval.perplexity import compare, heldout_text
@@ -106,7 +104,8 @@ def main(argv: list[str] | None = None) -> int:
         from ..tokenizer import Tokenizer
 
         try:
-            model = quantize_streaming(src, args.bits, args.group_size, args.symmetric, keep, DTYPES[args.dtype])
+            model = quantize_streaming(src, args.bits, args.group_size, args.symmetric, keep, DTYPES[args.dtype],
+                                       args.embedding_bits)
         except (ValueError, KeyError, OSError) as e:
             sys.exit(f"phikit: {e}")
         tokenizer = Tokenizer(src) if (src / "tokenizer.json").exists() else None
@@ -119,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         # and the gate compares with the float model in that same dtype
         reference = reference.to(DTYPES[args.dtype] or torch.bfloat16)
         model = copy.deepcopy(reference)
-        quantize_model(model, args.bits, args.group_size, args.symmetric, keep)
+        quantize_model(model, args.bits, args.group_size, args.symmetric, keep, args.embedding_bits)
     print(f"[phikit] quantized to {args.bits} bits in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
 
     if args.check:

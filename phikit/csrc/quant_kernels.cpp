@@ -1,18 +1,21 @@
-// phikit's CPU kernels for 4-bit weights x 8-bit activations (W4A8), compiled on first use by
-// phikit/kernels.py (torch.utils.cpp_extension). Python owns the format; see phikit/quantize.py.
+// phikit's CPU kernels for 4- and 8-bit weights x 8-bit activations (W4A8, W8A8), compiled on first
+// use by phikit/kernels.py (torch.utils.cpp_extension). Python owns the format; see phikit/quantize.py.
 //
 // Weights, for N output rows (padded to a multiple of 16) and K inputs, in tiles of 16 rows:
-//   qweight  uint8 [N/16, K/8, 64]: in tile t and k-octet o, byte 4c+i holds the code of
-//            row 16t+c at input 8o+i in its low nibble and at input 8o+4+i in its high nibble.
-//   scales   fp16  [N/16, K/g, 16] and, for the asymmetric format, mins fp16 [N/16, K/g, 16]:
-//            w = q * scale + min (symmetric: min = -8 * scale).
+//   4 bits: qweight uint8 [N/16, K/8 * 64]: in tile t and k-octet o, byte 4c+i holds the code of
+//           row 16t+c at input 8o+i in its low nibble and at input 8o+4+i in its high nibble.
+//   8 bits: qweight int8 [N/16, K/4 * 64]: in tile t and k-quad j, byte 4c+i holds row 16t+c, input 4j+i.
+//   scales fp16 [N/16, K/g, 16] and, for asymmetric 4 bits, mins fp16 [N/16, K/g, 16]:
+//           w = q * scale + min with q in 0..15; symmetric: min = -8 * scale; 8 bits: w = q * scale.
 // Activations are quantized per row in blocks of g (the weight group size): xq int8 with one
 // float scale per block (xq = round(x / s), s = max|x| / 127) and the block's sum of codes.
 // Then   y[m, n] = sum_b  s_x[m,b] * (scale[n,b] * sum_{k in b} q[n,k] xq[m,k] + min[n,b] * xsum[m,b]),
 // accumulated in float per block, in this order, by both the AVX512-VNNI path and the portable path.
+// (VPDPBUSD multiplies unsigned by signed bytes: symmetric codes enter as q + 8 (4 bits) or q + 128
+// (8 bits), and the accumulator starts at -8 or -128 times the activation codes' sum.)
 //
-// The layout puts 16 output rows x 4 inputs in one 64-byte vector after unpacking, the operand
-// VPDPBUSD multiplies with 4 broadcast activation bytes: an outer-product kernel that keeps
+// The layout puts 16 output rows x 4 inputs in one 64-byte vector (after unpacking nibbles), the
+// operand VPDPBUSD multiplies with 4 broadcast activation bytes: an outer-product kernel that keeps
 // MR x 16*NV accumulators in registers (MR rows of activations; MR = 1 when decoding).
 
 #include <torch/extension.h>
@@ -29,6 +32,8 @@
 #endif
 
 namespace {
+
+constexpr int MR_MAX = 6;
 
 inline float half_to_float(uint16_t h) { return static_cast<float>(c10::Half(h, c10::Half::from_bits())); }
 
@@ -51,26 +56,28 @@ void quantize_block(const float* x, int g, int8_t* q, float* scale, int32_t* sum
 
 // ---- portable kernel (any CPU): the same arithmetic, one output at a time -----------------------
 
-template <bool SYM>
+// code of row c at input k, relative to the tile's weights (bits 4: nibbles; bits 8: int8 stored as is)
+template <int BITS>
+inline int code_at(const uint8_t* w, int c, int64_t k) {
+  if (BITS == 8) return static_cast<int8_t>(w[(k / 4) * 64 + 4 * c + (k % 4)]) + 128;
+  const uint8_t byte = w[(k / 8) * 64 + 4 * c + (k % 4)];
+  return (k % 8) < 4 ? (byte & 15) : (byte >> 4);
+}
+
+template <bool SYM, int BITS>
 void tile_ref(const int8_t* xq, const float* xs, const int32_t* xsum, int64_t ldx, int64_t nb, int g,
               const uint8_t* wq, const uint16_t* sc, const uint16_t* mn, float* y, int64_t ldy, int mr, int nt) {
+  constexpr int OFFSET = BITS == 8 ? 128 : 8;  // codes are unsigned: q = w / scale + OFFSET
   for (int v = 0; v < nt; ++v) {
-    const uint8_t* w = wq + v * (nb * g * 8);
+    const uint8_t* w = wq + v * (nb * g * BITS * 2);
     const uint16_t* s = sc + v * (nb * 16);
     const uint16_t* z = SYM ? nullptr : mn + v * (nb * 16);
     for (int m = 0; m < mr; ++m) {
       for (int c = 0; c < 16; ++c) {
         float acc = 0.f;
         for (int64_t b = 0; b < nb; ++b) {
-          int32_t dot = SYM ? -8 * xsum[m * nb + b] : 0;
-          for (int o = 0; o < g / 8; ++o) {
-            const int64_t k = b * g + 8 * o;
-            const uint8_t* bytes = w + (k / 8) * 64 + 4 * c;
-            for (int i = 0; i < 4; ++i) {
-              dot += (bytes[i] & 15) * xq[m * ldx + k + i];
-              dot += (bytes[i] >> 4) * xq[m * ldx + k + 4 + i];
-            }
-          }
+          int32_t dot = SYM ? -OFFSET * xsum[m * nb + b] : 0;
+          for (int64_t k = b * g; k < (b + 1) * g; ++k) dot += code_at<BITS>(w, c, k) * xq[m * ldx + k];
           const float sx = xs[m * nb + b];
           acc = std::fma(static_cast<float>(dot), half_to_float(s[b * 16 + c]) * sx, acc);
           if (!SYM) acc = std::fma(half_to_float(z[b * 16 + c]), sx * static_cast<float>(xsum[m * nb + b]), acc);
@@ -105,28 +112,34 @@ PHIKIT_TARGET void quantize_row_avx512(const float* x, int64_t K, int g, int8_t*
   }
 }
 
-template <int MR, int NV, bool SYM>
+template <int MR, int NV, bool SYM, int BITS>
 PHIKIT_TARGET void tile_vnni(const int8_t* xq, const float* xs, const int32_t* xsum, int64_t ldx, int64_t nb, int g,
                              const uint8_t* wq, const uint16_t* sc, const uint16_t* mn, float* y, int64_t ldy) {
-  const int64_t wstride = nb * g * 8, sstride = nb * 16;
-  const __m512i low4 = _mm512_set1_epi8(0x0F);
+  constexpr int OFFSET = BITS == 8 ? 128 : 8;
+  const int64_t wstride = nb * g * BITS * 2, sstride = nb * 16;
+  const __m512i low4 = _mm512_set1_epi8(0x0F), sign = _mm512_set1_epi8(static_cast<char>(0x80));
   __m512 facc[MR][NV];
   for (int m = 0; m < MR; ++m)
     for (int v = 0; v < NV; ++v) facc[m][v] = _mm512_setzero_ps();
   for (int64_t b = 0; b < nb; ++b) {
     __m512i iacc[MR][NV];
     for (int m = 0; m < MR; ++m) {
-      const __m512i init = SYM ? _mm512_set1_epi32(-8 * xsum[m * nb + b]) : _mm512_setzero_si512();
+      const __m512i init = SYM ? _mm512_set1_epi32(-OFFSET * xsum[m * nb + b]) : _mm512_setzero_si512();
       for (int v = 0; v < NV; ++v) iacc[m][v] = init;
     }
-    const uint8_t* wb = wq + b * g * 8;
+    const uint8_t* wb = wq + b * g * BITS * 2;
     const int8_t* xb = xq + b * g;
     for (int o = 0; o < g / 8; ++o) {
       __m512i lo[NV], hi[NV];
       for (int v = 0; v < NV; ++v) {
-        const __m512i raw = _mm512_loadu_si512(wb + v * wstride + o * 64);
-        lo[v] = _mm512_and_si512(raw, low4);
-        hi[v] = _mm512_and_si512(_mm512_srli_epi16(raw, 4), low4);
+        if (BITS == 8) {  // two k-quads of int8; flipping the sign bit gives q + 128 as unsigned bytes
+          lo[v] = _mm512_xor_si512(_mm512_loadu_si512(wb + v * wstride + o * 128), sign);
+          hi[v] = _mm512_xor_si512(_mm512_loadu_si512(wb + v * wstride + o * 128 + 64), sign);
+        } else {
+          const __m512i raw = _mm512_loadu_si512(wb + v * wstride + o * 64);
+          lo[v] = _mm512_and_si512(raw, low4);
+          hi[v] = _mm512_and_si512(_mm512_srli_epi16(raw, 4), low4);
+        }
       }
       for (int m = 0; m < MR; ++m) {
         int32_t a0, a1;
@@ -157,16 +170,16 @@ PHIKIT_TARGET void tile_vnni(const int8_t* xq, const float* xs, const int32_t* x
     for (int v = 0; v < NV; ++v) _mm512_storeu_ps(y + m * ldy + 16 * v, facc[m][v]);
 }
 
-template <int NV, bool SYM>
+template <int NV, bool SYM, int BITS>
 void rows_vnni(int mr, const int8_t* xq, const float* xs, const int32_t* xsum, int64_t ldx, int64_t nb, int g,
                const uint8_t* wq, const uint16_t* sc, const uint16_t* mn, float* y, int64_t ldy) {
   switch (mr) {
-    case 1: return tile_vnni<1, NV, SYM>(xq, xs, xsum, ldx, nb, g, wq, sc, mn, y, ldy);
-    case 2: return tile_vnni<2, NV, SYM>(xq, xs, xsum, ldx, nb, g, wq, sc, mn, y, ldy);
-    case 3: return tile_vnni<3, NV, SYM>(xq, xs, xsum, ldx, nb, g, wq, sc, mn, y, ldy);
-    case 4: return tile_vnni<4, NV, SYM>(xq, xs, xsum, ldx, nb, g, wq, sc, mn, y, ldy);
-    case 5: return tile_vnni<5, NV, SYM>(xq, xs, xsum, ldx, nb, g, wq, sc, mn, y, ldy);
-    default: return tile_vnni<6, NV, SYM>(xq, xs, xsum, ldx, nb, g, wq, sc, mn, y, ldy);
+    case 1: return tile_vnni<1, NV, SYM, BITS>(xq, xs, xsum, ldx, nb, g, wq, sc, mn, y, ldy);
+    case 2: return tile_vnni<2, NV, SYM, BITS>(xq, xs, xsum, ldx, nb, g, wq, sc, mn, y, ldy);
+    case 3: return tile_vnni<3, NV, SYM, BITS>(xq, xs, xsum, ldx, nb, g, wq, sc, mn, y, ldy);
+    case 4: return tile_vnni<4, NV, SYM, BITS>(xq, xs, xsum, ldx, nb, g, wq, sc, mn, y, ldy);
+    case 5: return tile_vnni<5, NV, SYM, BITS>(xq, xs, xsum, ldx, nb, g, wq, sc, mn, y, ldy);
+    default: return tile_vnni<6, NV, SYM, BITS>(xq, xs, xsum, ldx, nb, g, wq, sc, mn, y, ldy);
   }
 }
 
@@ -179,22 +192,62 @@ bool has_vnni() {
 bool has_vnni() { return false; }
 #endif
 
-constexpr int MR_MAX = 6;
-
 void check_inputs(const torch::Tensor& xq, const torch::Tensor& xs, const torch::Tensor& xsum, const torch::Tensor& qweight,
-                  const torch::Tensor& scales, const c10::optional<torch::Tensor>& mins, int64_t g) {
+                  const torch::Tensor& scales, const c10::optional<torch::Tensor>& mins, int64_t g, int64_t bits) {
+  TORCH_CHECK(bits == 4 || bits == 8, "bits must be 4 or 8");
   TORCH_CHECK(xq.dtype() == torch::kInt8 && xq.dim() == 2 && xq.is_contiguous(), "xq: contiguous int8 [M, K]");
   const int64_t M = xq.size(0), K = xq.size(1);
   TORCH_CHECK(g % 16 == 0 && K % g == 0, "group size must be a multiple of 16 dividing K");
   TORCH_CHECK(xs.dtype() == torch::kFloat32 && xs.is_contiguous() && xs.numel() == M * (K / g), "xs: float32 [M, K/g]");
   TORCH_CHECK(xsum.dtype() == torch::kInt32 && xsum.is_contiguous() && xsum.numel() == M * (K / g), "xsum: int32 [M, K/g]");
-  TORCH_CHECK(qweight.dtype() == torch::kUInt8 && qweight.is_contiguous() && qweight.dim() == 2 && qweight.size(1) == K * 8,
-              "qweight: contiguous uint8 [N/16, K*8]");
+  TORCH_CHECK(qweight.dtype() == (bits == 4 ? torch::kUInt8 : torch::kInt8) && qweight.is_contiguous() &&
+              qweight.dim() == 2 && qweight.size(1) == K * bits * 2,
+              "qweight: contiguous [N/16, K*8] uint8 (4 bits) or [N/16, K*16] int8 (8 bits)");
   const int64_t T = qweight.size(0);
   TORCH_CHECK(scales.dtype() == torch::kFloat16 && scales.is_contiguous() && scales.numel() == T * (K / g) * 16,
               "scales: contiguous float16 [N/16, K/g, 16]");
+  TORCH_CHECK(!mins || bits == 4, "8-bit weights are symmetric (no mins)");
   if (mins) TORCH_CHECK(mins->dtype() == torch::kFloat16 && mins->is_contiguous() && mins->numel() == scales.numel(),
                         "mins: like scales");
+}
+
+template <bool SYM, int BITS>
+void matmul_tiles(int64_t M, int64_t K, int64_t T, int g, const int8_t* xp, const float* sxp, const int32_t* sump,
+                  const uint8_t* wp, const uint16_t* sp, const uint16_t* zp, float* yp, bool vnni) {
+  const int64_t nb = K / g, wstride = K * BITS * 2, sstride = nb * 16, ldy = T * 16;
+  const int nv = M == 1 ? 4 : 2;  // output tiles per step: decoding streams 4 tiles, prefill reuses 2 over MR rows
+  const int64_t steps = (T + nv - 1) / nv;
+  at::parallel_for(0, steps, 1, [&](int64_t s0, int64_t s1) {
+    for (int64_t st = s0; st < s1; ++st) {
+      const int64_t t0 = st * nv;
+      const int tiles = static_cast<int>(std::min<int64_t>(nv, T - t0));
+      for (int64_t m0 = 0; m0 < M; m0 += MR_MAX) {
+        const int mr = static_cast<int>(std::min<int64_t>(MR_MAX, M - m0));
+        const int8_t* x = xp + m0 * K;
+        const float* sx = sxp + m0 * nb;
+        const int32_t* su = sump + m0 * nb;
+        float* yo = yp + m0 * ldy + t0 * 16;
+        const uint8_t* w = wp + t0 * wstride;
+        const uint16_t* s = sp + t0 * sstride;
+        const uint16_t* z = SYM ? nullptr : zp + t0 * sstride;
+        if (!vnni) {
+          tile_ref<SYM, BITS>(x, sx, su, K, nb, g, w, s, z, yo, ldy, mr, tiles);
+          continue;
+        }
+#ifdef PHIKIT_X86
+        if (tiles == 4 && mr == 1) {
+          tile_vnni<1, 4, SYM, BITS>(x, sx, su, K, nb, g, w, s, z, yo, ldy);
+        } else if (tiles == 2) {
+          rows_vnni<2, SYM, BITS>(mr, x, sx, su, K, nb, g, w, s, z, yo, ldy);
+        } else {
+          for (int v = 0; v < tiles; ++v)
+            rows_vnni<1, SYM, BITS>(mr, x, sx, su, K, nb, g, w + v * wstride, s + v * sstride,
+                                    SYM ? nullptr : z + v * sstride, yo + 16 * v, ldy);
+        }
+#endif
+      }
+    }
+  });
 }
 
 }  // namespace
@@ -233,60 +286,24 @@ std::vector<torch::Tensor> quantize_activations(torch::Tensor x, int64_t g, bool
 }
 
 // y float32 [M, N/16*16] = dequant(W) applied to quantized activations (see the header comment).
-torch::Tensor int4_matmul(torch::Tensor xq, torch::Tensor xs, torch::Tensor xsum, torch::Tensor qweight,
-                          torch::Tensor scales, c10::optional<torch::Tensor> mins, int64_t g, bool portable) {
-  check_inputs(xq, xs, xsum, qweight, scales, mins, g);
-  const int64_t M = xq.size(0), K = xq.size(1), T = qweight.size(0), nb = K / g;
+torch::Tensor quant_matmul(torch::Tensor xq, torch::Tensor xs, torch::Tensor xsum, torch::Tensor qweight,
+                           torch::Tensor scales, c10::optional<torch::Tensor> mins, int64_t g, int64_t bits,
+                           bool portable) {
+  check_inputs(xq, xs, xsum, qweight, scales, mins, g, bits);
+  const int64_t M = xq.size(0), K = xq.size(1), T = qweight.size(0);
   auto y = torch::empty({M, T * 16}, torch::kFloat32);
   const int8_t* xp = xq.data_ptr<int8_t>();
   const float* sxp = xs.data_ptr<float>();
   const int32_t* sump = xsum.data_ptr<int32_t>();
-  const uint8_t* wp = qweight.data_ptr<uint8_t>();
+  const uint8_t* wp = static_cast<const uint8_t*>(qweight.data_ptr());
   const uint16_t* sp = reinterpret_cast<const uint16_t*>(scales.data_ptr<at::Half>());
   const uint16_t* zp = mins ? reinterpret_cast<const uint16_t*>(mins->data_ptr<at::Half>()) : nullptr;
   float* yp = y.data_ptr<float>();
-  const bool sym = !mins.has_value();
-  const int gi = static_cast<int>(g);
-  const int64_t wstride = K * 8, sstride = nb * 16;
-  const int nv = M == 1 ? 4 : 2;  // output tiles per step: decoding streams 4 tiles, prefill reuses 2 over MR rows
-  const int64_t steps = (T + nv - 1) / nv;
   const bool vnni = has_vnni() && !portable;
-  at::parallel_for(0, steps, 1, [&](int64_t s0, int64_t s1) {
-    for (int64_t st = s0; st < s1; ++st) {
-      const int64_t t0 = st * nv;
-      const int tiles = static_cast<int>(std::min<int64_t>(nv, T - t0));
-      for (int64_t m0 = 0; m0 < M; m0 += MR_MAX) {
-        const int mr = static_cast<int>(std::min<int64_t>(MR_MAX, M - m0));
-        const int8_t* x = xp + m0 * K;
-        const float* sx = sxp + m0 * nb;
-        const int32_t* su = sump + m0 * nb;
-        float* yo = yp + m0 * (T * 16) + t0 * 16;
-        const uint8_t* w = wp + t0 * wstride;
-        const uint16_t* s = sp + t0 * sstride;
-        const uint16_t* z = zp ? zp + t0 * sstride : nullptr;
-        if (!vnni) {
-          if (sym) tile_ref<true>(x, sx, su, K, nb, gi, w, s, z, yo, T * 16, mr, tiles);
-          else tile_ref<false>(x, sx, su, K, nb, gi, w, s, z, yo, T * 16, mr, tiles);
-          continue;
-        }
-#ifdef PHIKIT_X86
-        if (tiles == 4 && mr == 1) {
-          if (sym) tile_vnni<1, 4, true>(x, sx, su, K, nb, gi, w, s, z, yo, T * 16);
-          else tile_vnni<1, 4, false>(x, sx, su, K, nb, gi, w, s, z, yo, T * 16);
-        } else if (tiles == 2) {
-          if (sym) rows_vnni<2, true>(mr, x, sx, su, K, nb, gi, w, s, z, yo, T * 16);
-          else rows_vnni<2, false>(mr, x, sx, su, K, nb, gi, w, s, z, yo, T * 16);
-        } else {
-          for (int v = 0; v < tiles; ++v) {
-            if (sym) rows_vnni<1, true>(mr, x, sx, su, K, nb, gi, w + v * wstride, s + v * sstride, z, yo + 16 * v, T * 16);
-            else rows_vnni<1, false>(mr, x, sx, su, K, nb, gi, w + v * wstride, s + v * sstride, z + v * sstride,
-                                     yo + 16 * v, T * 16);
-          }
-        }
-#endif
-      }
-    }
-  });
+  const int gi = static_cast<int>(g);
+  if (bits == 8) matmul_tiles<true, 8>(M, K, T, gi, xp, sxp, sump, wp, sp, zp, yp, vnni);
+  else if (zp) matmul_tiles<false, 4>(M, K, T, gi, xp, sxp, sump, wp, sp, zp, yp, vnni);
+  else matmul_tiles<true, 4>(M, K, T, gi, xp, sxp, sump, wp, sp, zp, yp, vnni);
   return y;
 }
 
@@ -294,6 +311,6 @@ bool vnni_available() { return has_vnni(); }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("quantize_activations", &quantize_activations, "x float32 [M,K] -> int8 codes, block scales, block code sums");
-  m.def("int4_matmul", &int4_matmul, "4-bit weights x 8-bit activations -> float32 [M, N padded to 16]");
+  m.def("quant_matmul", &quant_matmul, "4- or 8-bit weights x 8-bit activations -> float32 [M, N padded to 16]");
   m.def("vnni_available", &vnni_available, "whether this CPU runs the AVX512-VNNI kernels");
 }
