@@ -59,7 +59,15 @@ class Attention(nn.Module):
         if self.kv_cache is not None:
             k, v = self.kv_cache.update(rows, input_pos, k, v)  # (B, Hkv, S, D)
         # softmax(q k^T / sqrt(D) + mask) v; each KV head serves H / Hkv neighbouring query heads
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_kv_heads != self.n_heads)
+        if T == 1:  # one query per sequence (decoding): two matmuls beat the CPU flash kernel by 1.4x at 32 keys
+            # and 8x at 512 (measured, bf16, 1 thread); the softmax runs in float32, as transformers' eager path
+            qg = q.reshape(B, self.n_kv_heads, self.n_heads // self.n_kv_heads, self.head_dim)  # (B, Hkv, G, D)
+            s = (qg @ k.transpose(-1, -2)) * self.head_dim ** -0.5                              # (B, Hkv, G, S)
+            s = s.masked_fill(~mask, float("-inf")).softmax(-1, dtype=torch.promote_types(s.dtype, torch.float32))
+            y = s.to(v.dtype) @ v
+            y = y.reshape(B, self.n_heads, 1, self.head_dim)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_kv_heads != self.n_heads)
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, H*D)
         return self.o_proj(y)
 
