@@ -35,10 +35,12 @@ class KVCache(torch.nn.Module):
         return self.k.shape[2]
 
     def update(self, rows: slice | torch.Tensor, input_pos: torch.Tensor, k: torch.Tensor,
-               v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k, v (B, Hkv, T, D) at positions input_pos (B, T) of `rows`; return (B, Hkv, S, D) for S = max pos + 1."""
+               v: torch.Tensor, span: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v (B, Hkv, T, D) at positions input_pos (B, T) of `rows`; return the first S slots
+        (B, Hkv, S, D): S = span, or max pos + 1 (slots past a row's position hold zeros or stale values,
+        which the attention mask hides)."""
         T = k.shape[2]
-        S = int(input_pos.max()) + 1
+        S = span if span is not None else int(input_pos.max()) + 1
         if S > self.zeroed:  # attention reads every row up to S; unwritten slots must be finite (masked) zeros
             self.k[:, :, self.zeroed:S].zero_()
             self.v[:, :, self.zeroed:S].zero_()

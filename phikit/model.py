@@ -57,7 +57,7 @@ class Attention(nn.Module):
         v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if self.kv_cache is not None:
-            k, v = self.kv_cache.update(rows, input_pos, k, v)  # (B, Hkv, S, D)
+            k, v = self.kv_cache.update(rows, input_pos, k, v, mask.shape[-1])  # (B, Hkv, S, D)
         # softmax(q k^T / sqrt(D) + mask) v; each KV head serves H / Hkv neighbouring query heads
         if T == 1:  # one query per sequence (decoding): two matmuls beat the CPU flash kernel by 1.4x at 32 keys
             # and 8x at 512 (measured, bf16, 1 thread); the softmax runs in float32, as transformers' eager path
@@ -70,6 +70,9 @@ class Attention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_kv_heads != self.n_heads)
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, H*D)
         return self.o_proj(y)
+
+
+DECODE_SPAN = 128  # decoding reads the cache in steps of this many slots (see Phi3.forward)
 
 
 class MLP(nn.Module):
@@ -126,8 +129,12 @@ class Phi3(nn.Module):
         if self.cache_rope_long is not None:
             self._check_cache_rope(input_pos, use_long, rows)
             S = int(input_pos.max()) + 1
-            if S > self.layers[0].self_attn.kv_cache.max_len:
-                raise ValueError(f"position {S - 1} is beyond the cache size {self.layers[0].self_attn.kv_cache.max_len}")
+            max_len = self.layers[0].self_attn.kv_cache.max_len
+            if S > max_len:
+                raise ValueError(f"position {S - 1} is beyond the cache size {max_len}")
+            if T == 1:  # decoding attends to a multiple of 128 slots (the mask hides the rest): a new key count
+                # every step would make oneDNN build (and cache) a new matmul each step, ~1.5 MB of RSS per token
+                S = min(-(-S // DECODE_SPAN) * DECODE_SPAN, max_len)
         else:
             S = T  # no cache: the keys are this call's tokens, at positions input_pos
         cos, sin = self.rope(input_pos, use_long)
