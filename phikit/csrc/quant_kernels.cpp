@@ -121,24 +121,33 @@ PHIKIT_TARGET void tile_vnni(const int8_t* xq, const float* xs, const int32_t* x
   __m512 facc[MR][NV];
   for (int m = 0; m < MR; ++m)
     for (int v = 0; v < NV; ++v) facc[m][v] = _mm512_setzero_ps();
+  // decoding 4-bit weights (SPLIT): the high nibbles are multiplied in place, as 16 * q (raw & 0xF0),
+  // into their own accumulator, divided by 16 (exactly: a shift) once per group. One instruction less
+  // per 64 bytes, and two independent VPDPBUSD chains instead of one.
+  constexpr bool SPLIT = MR == 1 && BITS == 4;
+  const __m512i high4 = _mm512_set1_epi8(static_cast<char>(0xF0));
   for (int64_t b = 0; b < nb; ++b) {
-    __m512i iacc[MR][NV];
+    __m512i iacc[MR][NV], iacc16[NV];
     for (int m = 0; m < MR; ++m) {
       const __m512i init = SYM ? _mm512_set1_epi32(-OFFSET * xsum[m * nb + b]) : _mm512_setzero_si512();
       for (int v = 0; v < NV; ++v) iacc[m][v] = init;
     }
+    for (int v = 0; v < NV; ++v) iacc16[v] = _mm512_setzero_si512();
     const uint8_t* wb = wq + b * g * BITS * 2;
     const int8_t* xb = xq + b * g;
     for (int o = 0; o < g / 8; ++o) {
       __m512i lo[NV], hi[NV];
       for (int v = 0; v < NV; ++v) {
+        const uint8_t* at = wb + v * wstride + o * 8 * BITS * 2;
+        // decoding is memory-bound: ask for the bytes 1 KB ahead of each weight stream
+        if (MR == 1) _mm_prefetch(reinterpret_cast<const char*>(at + 1024), _MM_HINT_T0);
         if (BITS == 8) {  // two k-quads of int8; flipping the sign bit gives q + 128 as unsigned bytes
-          lo[v] = _mm512_xor_si512(_mm512_loadu_si512(wb + v * wstride + o * 128), sign);
-          hi[v] = _mm512_xor_si512(_mm512_loadu_si512(wb + v * wstride + o * 128 + 64), sign);
+          lo[v] = _mm512_xor_si512(_mm512_loadu_si512(at), sign);
+          hi[v] = _mm512_xor_si512(_mm512_loadu_si512(at + 64), sign);
         } else {
-          const __m512i raw = _mm512_loadu_si512(wb + v * wstride + o * 64);
+          const __m512i raw = _mm512_loadu_si512(at);
           lo[v] = _mm512_and_si512(raw, low4);
-          hi[v] = _mm512_and_si512(_mm512_srli_epi16(raw, 4), low4);
+          hi[v] = SPLIT ? _mm512_and_si512(raw, high4) : _mm512_and_si512(_mm512_srli_epi16(raw, 4), low4);
         }
       }
       for (int m = 0; m < MR; ++m) {
@@ -148,10 +157,13 @@ PHIKIT_TARGET void tile_vnni(const int8_t* xq, const float* xs, const int32_t* x
         const __m512i b0 = _mm512_set1_epi32(a0), b1 = _mm512_set1_epi32(a1);
         for (int v = 0; v < NV; ++v) {
           iacc[m][v] = _mm512_dpbusd_epi32(iacc[m][v], lo[v], b0);
-          iacc[m][v] = _mm512_dpbusd_epi32(iacc[m][v], hi[v], b1);
+          if (SPLIT) iacc16[v] = _mm512_dpbusd_epi32(iacc16[v], hi[v], b1);
+          else iacc[m][v] = _mm512_dpbusd_epi32(iacc[m][v], hi[v], b1);
         }
       }
     }
+    if (SPLIT)
+      for (int v = 0; v < NV; ++v) iacc[0][v] = _mm512_add_epi32(iacc[0][v], _mm512_srai_epi32(iacc16[v], 4));
     __m512 s[NV], z[NV];
     for (int v = 0; v < NV; ++v) {
       s[v] = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sc + v * sstride + b * 16)));
