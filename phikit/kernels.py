@@ -1,4 +1,4 @@
-"""The compiled CPU kernels (phikit/csrc/quant_kernels.cpp), built on first use and cached.
+"""The compiled CPU kernels (phikit/csrc: quantized matmuls, decode attention), built on first use and cached.
 
 torch.utils.cpp_extension compiles the file with the system's C++ compiler (and ninja, a phikit
 dependency) the first time a quantized model runs: about 30 s on 2 cores; the result is cached
@@ -15,7 +15,7 @@ import sys
 import warnings
 from pathlib import Path
 
-_SOURCE = Path(__file__).parent / "csrc" / "quant_kernels.cpp"
+_SOURCES = [Path(__file__).parent / "csrc" / f for f in ("quant_kernels.cpp", "decode_attention.cpp")]
 _NAME = "phikit_quant_v1"
 _state: dict = {}
 
@@ -34,7 +34,7 @@ def load():
             if not list(Path(_get_build_directory(_NAME, False)).glob(f"{_NAME}*.so")):
                 print("[phikit] compiling the quantized-matmul CPU kernels (first use only, about a minute)",
                       file=sys.stderr)
-            module = build(name=_NAME, sources=[str(_SOURCE)], verbose=False,
+            module = build(name=_NAME, sources=[str(f) for f in _SOURCES], verbose=False,
                            extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"])
         except Exception as e:  # no compiler, no ninja, a build error: fall back, say why
             _state["reason"] = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import kernels
 from .config import Config
 from .kv_cache import KVCache
 from .rope import RotaryEmbedding, apply_rope
@@ -59,13 +60,8 @@ class Attention(nn.Module):
         if self.kv_cache is not None:
             k, v = self.kv_cache.update(rows, input_pos, k, v, mask.shape[-1])  # (B, Hkv, S, D)
         # softmax(q k^T / sqrt(D) + mask) v; each KV head serves H / Hkv neighbouring query heads
-        if T == 1:  # one query per sequence (decoding): two matmuls beat the CPU flash kernel by 1.4x at 32 keys
-            # and 8x at 512 (measured, bf16, 1 thread); the softmax runs in float32, as transformers' eager path
-            qg = q.reshape(B, self.n_kv_heads, self.n_heads // self.n_kv_heads, self.head_dim)  # (B, Hkv, G, D)
-            s = (qg @ k.transpose(-1, -2)) * self.head_dim ** -0.5                              # (B, Hkv, G, S)
-            s = s.masked_fill(~mask, float("-inf")).softmax(-1, dtype=torch.promote_types(s.dtype, torch.float32))
-            y = s.to(v.dtype) @ v
-            y = y.reshape(B, self.n_heads, 1, self.head_dim)
+        if T == 1:  # one query per sequence (decoding)
+            y = decode_attention(q, k, v, mask)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_kv_heads != self.n_heads)
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, H*D)
@@ -73,6 +69,24 @@ class Attention(nn.Module):
 
 
 DECODE_SPAN = 128  # decoding reads the cache in steps of this many slots (see Phi3.forward)
+
+
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """softmax(q k^T / sqrt(D) + mask) v for one query per sequence: q (B, H, 1, D), k, v (B, Hkv, S, D).
+
+    On the CPU the compiled kernel (csrc/decode_attention.cpp) reads the cache slice in place; PyTorch's
+    bf16 matmul would copy the strided slice first (4-6x slower) and its flash kernel is slower still
+    for one query (8x at 512 keys). Below: the same in PyTorch (GPU, float64, or no compiler).
+    """
+    B, H, _, D = q.shape
+    ext = kernels.load() if q.device.type == "cpu" and k.dtype in (torch.bfloat16, torch.float16, torch.float32) else None
+    if ext is not None:
+        y = ext.decode_attention(q.reshape(B, H, D).float(), k, v, mask.reshape(B, -1).contiguous(), D ** -0.5)
+        return y.to(q.dtype).view(B, H, 1, D)
+    Hkv = k.shape[1]
+    s = (q.reshape(B, Hkv, H // Hkv, D) @ k.transpose(-1, -2)) * D ** -0.5  # (B, Hkv, G, S)
+    s = s.masked_fill(~mask, float("-inf")).softmax(-1, dtype=torch.promote_types(s.dtype, torch.float32))
+    return (s.to(v.dtype) @ v).reshape(B, H, 1, D)
 
 
 class MLP(nn.Module):

@@ -321,8 +321,11 @@ torch::Tensor quant_matmul(torch::Tensor xq, torch::Tensor xs, torch::Tensor xsu
 
 bool vnni_available() { return has_vnni(); }
 
+torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor mask, double scale);
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("quantize_activations", &quantize_activations, "x float32 [M,K] -> int8 codes, block scales, block code sums");
   m.def("quant_matmul", &quant_matmul, "4- or 8-bit weights x 8-bit activations -> float32 [M, N padded to 16]");
   m.def("vnni_available", &vnni_available, "whether this CPU runs the AVX512-VNNI kernels");
+  m.def("decode_attention", &decode_attention, "one query per sequence over the KV cache (decode_attention.cpp)");
 }
