@@ -123,11 +123,9 @@ _DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "
 
 
 def copying_reader(files: dict[str, Path]):
-    """read(name) -> tensor copied from its file into fresh (64-byte aligned) memory, not memory-mapped.
+    """read(name) -> tensor copied from its file into fresh memory, not memory-mapped.
 
-    Two uses: streaming a checkpoint (the bytes read leave no resident file pages behind), and the
-    packed int8 kernel, which crashes on data aligned to 8 bytes only, as tensors inside a
-    safetensors file may be.
+    For streaming a checkpoint (`phikit quantize`): the bytes read leave no resident file pages behind.
     """
     headers = {}
 
@@ -196,7 +194,6 @@ def load_model(ckpt: str | os.PathLike, dtype: torch.dtype | None = None, revisi
 
     state: dict[str, torch.Tensor] = {}
     handles = {}
-    copy = copying_reader(files) if cfg.quantization is not None else None  # packed kernels want aligned data
     for ours, hf_tensors in parts.items():
         pieces = []
         for name, shape in hf_tensors:
@@ -204,7 +201,7 @@ def load_model(ckpt: str | os.PathLike, dtype: torch.dtype | None = None, revisi
             if f not in handles:
                 handles[f] = _open(f)  # also validates the file (header, size) before anything is read
             try:
-                t = copy(name) if copy else handles[f].get_tensor(name)  # else memory-mapped: read on first use
+                t = handles[f].get_tensor(name)  # memory-mapped: pages become resident as they are read
             except (SafetensorError, OSError) as e:
                 raise CheckpointError(f"cannot read tensor {name!r} from {f.name}: {e}") from None
             if tuple(t.shape) != shape:

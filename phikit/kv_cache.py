@@ -34,17 +34,20 @@ class KVCache(torch.nn.Module):
     def max_len(self) -> int:
         return self.k.shape[2]
 
-    def update(self, rows: slice | torch.Tensor, input_pos: torch.Tensor, k: torch.Tensor,
-               v: torch.Tensor, span: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def update(self, rows: slice | torch.Tensor, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               span: int | None = None, masked_read: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """Write k, v (B, Hkv, T, D) at positions input_pos (B, T) of `rows`; return the first S slots
-        (B, Hkv, S, D): S = span, or max pos + 1 (slots past a row's position hold zeros or stale values,
-        which the attention mask hides)."""
+        (B, Hkv, S, D): S = span, or max pos + 1. Slots past a row's position hold zeros or stale values,
+        which the attention mask hides; `masked_read=False` says the attention never reads masked slots
+        (the decode kernel), so those past the last position need not be zeroed (nor become resident)."""
         T = k.shape[2]
-        S = span if span is not None else int(input_pos.max()) + 1
-        if S > self.zeroed:  # attention reads every row up to S; unwritten slots must be finite (masked) zeros
-            self.k[:, :, self.zeroed:S].zero_()
-            self.v[:, :, self.zeroed:S].zero_()
-            self.zeroed = S
+        last = int(input_pos.max()) + 1
+        S = span if span is not None else last
+        zero_to = S if masked_read else last
+        if zero_to > self.zeroed:  # unwritten slots that attention reads must be finite (masked) zeros
+            self.k[:, :, self.zeroed:zero_to].zero_()
+            self.v[:, :, self.zeroed:zero_to].zero_()
+            self.zeroed = zero_to
         pos = input_pos[0]
         if isinstance(rows, slice) and bool((input_pos == pos).all()):
             if T > 1 and bool((pos.diff() == 1).all()):

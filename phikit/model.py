@@ -58,7 +58,8 @@ class Attention(nn.Module):
         v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if self.kv_cache is not None:
-            k, v = self.kv_cache.update(rows, input_pos, k, v, mask.shape[-1])  # (B, Hkv, S, D)
+            k, v = self.kv_cache.update(rows, input_pos, k, v, mask.shape[-1],  # (B, Hkv, S, D)
+                                        masked_read=T > 1 or _decode_kernel(k) is None)
         # softmax(q k^T / sqrt(D) + mask) v; each KV head serves H / Hkv neighbouring query heads
         if T == 1:  # one query per sequence (decoding)
             y = decode_attention(q, k, v, mask)
@@ -71,6 +72,13 @@ class Attention(nn.Module):
 DECODE_SPAN = 128  # decoding reads the cache in steps of this many slots (see Phi3.forward)
 
 
+def _decode_kernel(k: torch.Tensor):
+    """The compiled module whose decode_attention handles this cache, or None."""
+    if k.device.type == "cpu" and k.dtype in (torch.bfloat16, torch.float16, torch.float32):
+        return kernels.load()
+    return None
+
+
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """softmax(q k^T / sqrt(D) + mask) v for one query per sequence: q (B, H, 1, D), k, v (B, Hkv, S, D).
 
@@ -79,8 +87,8 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
     for one query (8x at 512 keys). Below: the same in PyTorch (GPU, float64, or no compiler).
     """
     B, H, _, D = q.shape
-    ext = kernels.load() if q.device.type == "cpu" and k.dtype in (torch.bfloat16, torch.float16, torch.float32) else None
-    if ext is not None:
+    ext = _decode_kernel(k)
+    if ext is not None:  # it skips masked slots (never reads them)
         y = ext.decode_attention(q.reshape(B, H, D).float(), k, v, mask.reshape(B, -1).contiguous(), D ** -0.5)
         return y.to(q.dtype).view(B, H, 1, D)
     Hkv = k.shape[1]

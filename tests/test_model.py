@@ -121,3 +121,26 @@ def test_crossing_the_switch_point_needs_a_rerun(preset):
         with pytest.raises(ValueError, match="LongRoPE switch point"):
             model(ids[:, ORIG:], torch.tensor([ORIG]))
         model(ids)  # the whole sequence again from position 0: fine
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("head_dim", [32, 24])  # 32: the AVX-512 path for bf16; 24: the portable one
+def test_decode_attention_kernel_equals_pytorch(dtype, head_dim):
+    """The compiled decode attention reads a strided cache slice in place and equals the PyTorch path."""
+    from phikit import kernels
+    from phikit.model import decode_attention
+
+    if kernels.load() is None:
+        pytest.skip("the C++ kernels cannot be built here")
+    g = torch.Generator().manual_seed(0)
+    B, H, Hkv, S = 3, 8, 2, 37
+    cache = torch.randn(2, B, Hkv, 64, head_dim, generator=g).to(dtype)  # a static cache; attend to its first S
+    k, v = cache[0, :, :, :S], cache[1, :, :, :S]
+    q = torch.randn(B, H, 1, head_dim, generator=g).to(dtype)
+    mask = torch.rand(B, 1, 1, S, generator=g) > 0.3
+    mask[:, :, :, 0] = True
+    fast = decode_attention(q, k, v, mask)
+    ref = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask,
+                                                           enable_gqa=True).to(dtype)
+    assert fast.shape == (B, H, 1, head_dim) and fast.dtype == dtype
+    torch.testing.assert_close(fast, ref, atol=1e-5 if dtype == torch.float32 else 1e-2, rtol=1e-5 if dtype == torch.float32 else 1e-2)

@@ -29,6 +29,17 @@ namespace {
 template <typename T>
 inline float to_float(T x) { return static_cast<float>(x); }
 
+// scores of one query (masked slots ignored; mx their maximum) -> probabilities, in place
+void softmax_in_place(float* sc, const bool* mask, int64_t S, float mx) {
+  float sum = 0.f;
+  for (int64_t s = 0; s < S; ++s) {
+    sc[s] = mask[s] ? std::exp(sc[s] - mx) : 0.f;
+    sum += sc[s];
+  }
+  const float inv = sum > 0.f ? 1.f / sum : 0.f;
+  for (int64_t s = 0; s < S; ++s) sc[s] *= inv;
+}
+
 template <typename T>
 void attend_row(const float* q, const T* k, const T* v, int64_t ks, int64_t vs, const bool* mask, int64_t S,
                 int64_t D, int G, float scale, float* out, float* scores) {
@@ -45,13 +56,7 @@ void attend_row(const float* q, const T* k, const T* v, int64_t ks, int64_t vs, 
       sc[s] = acc * scale;
       mx = std::max(mx, sc[s]);
     }
-    float sum = 0.f;
-    for (int64_t s = 0; s < S; ++s) {
-      sc[s] = mask[s] ? std::exp(sc[s] - mx) : 0.f;
-      sum += sc[s];
-    }
-    const float inv = sum > 0.f ? 1.f / sum : 0.f;
-    for (int64_t s = 0; s < S; ++s) sc[s] *= inv;
+    softmax_in_place(sc, mask, S, mx);
   }
   for (int gq = 0; gq < G; ++gq)
     for (int64_t d = 0; d < D; ++d) out[gq * D + d] = 0.f;
@@ -90,13 +95,7 @@ PHIKIT_TARGET void attend_row_bf16(const float* q, const c10::BFloat16* k, const
       sc[s] = _mm512_reduce_add_ps(acc) * scale;
       mx = std::max(mx, sc[s]);
     }
-    float sum = 0.f;
-    for (int64_t s = 0; s < S; ++s) {
-      sc[s] = mask[s] ? std::exp(sc[s] - mx) : 0.f;
-      sum += sc[s];
-    }
-    const float inv = sum > 0.f ? 1.f / sum : 0.f;
-    for (int64_t s = 0; s < S; ++s) sc[s] *= inv;
+    softmax_in_place(sc, mask, S, mx);
   }
   for (int64_t i = 0; i < G * D; ++i) out[i] = 0.f;
   for (int64_t s = 0; s < S; ++s) {
