@@ -3,6 +3,7 @@
     python bench/decode.py                 # full 3.8B shapes (needs ~20 GB of disk in --cache, ~25 min)
     python bench/decode.py --layers 4      # a quick run on a 4-layer model of the same widths
     python bench/decode.py --json          # one JSON list of rows instead of the table
+    python bench/decode.py --reps 3        # each row the median of 3 fresh-process runs
 
 Random weights are generated once (seeded) in the Phi-3-mini-4k configuration and written as a
 bf16 safetensors checkpoint; `phikit quantize` makes int4 (group 32 symmetric and asymmetric, group
@@ -24,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -215,6 +217,8 @@ def main(argv=None) -> int:
     p.add_argument("--prefill", type=int, default=512, help="prefill prompt length (default: 512)")
     p.add_argument("--cache", default=str(ROOT / "bench" / ".cache"), help="where weights are kept (default: bench/.cache)")
     p.add_argument("--formats", default=",".join(FORMATS), help=f"phikit formats (default: {','.join(FORMATS)})")
+    p.add_argument("--reps", type=int, default=1,
+                   help="fresh-process runs per row; speeds are their median, RSS their maximum (default: 1)")
     p.add_argument("--json", action="store_true", help="print one JSON list of rows instead of a table")
     p.add_argument("--prepare-only", action="store_true", help="only build the weight files, measure nothing")
     p.add_argument("--child", nargs=3, metavar=("ENGINE", "PATH", "THREADS"), help=argparse.SUPPRESS)
@@ -244,11 +248,16 @@ def main(argv=None) -> int:
             for engine, fmt, path in runs:
                 cmd = [sys.executable, __file__, "--child", engine, path, str(threads),
                        "--new-tokens", str(args.new_tokens), "--prefill", str(args.prefill)]
-                out = subprocess.run(cmd, capture_output=True, text=True)
-                if out.returncode != 0:
-                    print(out.stderr[-2000:], file=sys.stderr)
-                    raise SystemExit(f"{engine} {fmt} failed")
-                rows.append({"engine": engine, "format": fmt, "threads": threads, **json.loads(out.stdout)})
+                reps = []
+                for _ in range(args.reps):
+                    out = subprocess.run(cmd, capture_output=True, text=True)
+                    if out.returncode != 0:
+                        print(out.stderr[-2000:], file=sys.stderr)
+                        raise SystemExit(f"{engine} {fmt} failed")
+                    reps.append(json.loads(out.stdout))
+                row = {key: statistics.median(r[key] for r in reps) for key in reps[0]}  # speeds: median of reps
+                row.update({key: max(r[key] for r in reps) for key in reps[0] if "rss" in key})  # memory: the worst
+                rows.append({"engine": engine, "format": fmt, "threads": threads, "reps": args.reps, **row})
             nbytes = weight_bytes_per_token(paths[name])
             rows.append({"engine": "ceiling", "format": name, "threads": threads, "bandwidth_gb_s": bw,
                          "decode_tok_s": bw * 1e9 / nbytes})
