@@ -210,3 +210,25 @@ def test_quality_gate_on_a_real_model(tmp_path):
                              "--prompt", "The capital of France is", "--max-new-tokens", "3"],
                             capture_output=True, text=True, timeout=300)
     assert answer.returncode == 0 and answer.stdout.startswith(" Paris"), answer.stderr
+
+
+@pytest.mark.slow
+def test_quality_gate_on_a_float_model_trained_here(tmp_path):
+    """SmolLM2's released weights are already 4/8-bit (Q4_1 blocks, Q8_0 embedding), so it cannot show
+    what quantizing float weights costs; examples/pretrain-tiny.yaml trains a float model (about a minute)."""
+    import shutil
+    from pathlib import Path
+
+    examples = Path(__file__).resolve().parent.parent / "examples"
+    shutil.copy(examples / "pretrain-tiny.yaml", tmp_path)
+    for cmd in ([str(examples / "make_tiny_shards.py"), "--out", str(tmp_path / "tiny-data")],
+                ["-m", "phikit", "pretrain", "--config", str(tmp_path / "pretrain-tiny.yaml"), "--out",
+                 str(tmp_path / "run")]):
+        done = subprocess.run([sys.executable, *cmd], capture_output=True, text=True, timeout=900)
+        assert done.returncode == 0, done.stderr[-2000:]
+    for args in (["--bits", "8"], ["--bits", "4"], ["--bits", "4", "--symmetric", "--keep-8bit", "none"]):
+        out = subprocess.run([sys.executable, "-m", "phikit", "quantize", "--model", str(tmp_path / "run" / "final"),
+                              "--check", *args, "--out", str(tmp_path / "q")], capture_output=True, text=True,
+                             timeout=600)
+        assert out.returncode == 0 and "-> pass" in out.stderr, (args, out.stderr[-1000:])
+        shutil.rmtree(tmp_path / "q")
