@@ -1,5 +1,6 @@
 """Weight-only quantization: kernels against the dequantize oracle, layouts, save/load, the CLI and its gate."""
 
+import json
 import subprocess
 import sys
 
@@ -174,6 +175,11 @@ def test_save_load_round_trip(tmp_path):
     ids = torch.randint(0, 512, (1, 50), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.equal(again(ids), model(ids))
+    cfg = json.loads((out / "config.json").read_text())  # an older format is refused, not misread
+    cfg["phikit_quantization"]["format"] = "phikit-int4-v1"
+    (out / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="quantize the float checkpoint again"):
+        phikit.load(out)
 
 
 def test_quantize_command_streams_a_checkpoint(tmp_path):
