@@ -4,6 +4,7 @@
     python bench/decode.py --layers 4      # a quick run on a 4-layer model of the same widths
     python bench/decode.py --json          # one JSON list of rows instead of the table
     python bench/decode.py --reps 3        # each row the median of 3 fresh-process runs
+    python bench/decode.py --compile       # also phikit with the decode step compiled (torch.compile)
 
 Random weights are generated once (seeded) in the Phi-3-mini-4k configuration and written as a
 bf16 safetensors checkpoint; `phikit quantize` makes int4 (group 32 symmetric and asymmetric, group
@@ -111,14 +112,16 @@ def peak_rss_gb() -> float:
     raise RuntimeError("no VmHWM in /proc/self/status")
 
 
-def measure_phikit(path: str, threads: int, prompt_len: int, new_tokens: int, prefill_len: int, ctx: int) -> dict:
+def measure_phikit(path: str, threads: int, prompt_len: int, new_tokens: int, prefill_len: int, ctx: int,
+                   compiled: bool = False) -> dict:
     import torch
 
     import phikit
-    from phikit.generate import decode_one, prefill
+    from phikit.generate import compile_decode, decode_one, prefill
 
     torch.set_num_threads(threads)
     model, _ = phikit.load(path, dtype=torch.bfloat16)
+    step = compile_decode(model) if compiled else decode_one
     vocab = model.cfg.vocab_size
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, vocab, (prefill_len,), generator=g)
@@ -127,11 +130,11 @@ def measure_phikit(path: str, threads: int, prompt_len: int, new_tokens: int, pr
         model.setup_cache(1, ctx)
         logits = prefill(model, ids[:prompt_len], 0)
         tok, pos = logits.argmax()[None], torch.tensor([prompt_len])
-        for _ in range(3):  # warm-up steps (not timed), then start again at the same position
-            decode_one(model, tok, pos)
+        for _ in range(3):  # warm-up steps (not timed; the first one compiles), then start again at the same position
+            step(model, tok, pos)
         t = time.perf_counter()
         for i in range(new_tokens):
-            tok = decode_one(model, tok, pos + i).argmax(-1)
+            tok = step(model, tok, pos + i).argmax(-1)
         decode_s = time.perf_counter() - t
         decode_rss = peak_rss_gb()
         # prefill: one prompt of prefill_len tokens
@@ -204,8 +207,11 @@ def weight_bytes_per_token(path: str) -> int:
 
 
 def child(args) -> int:
-    fn = measure_phikit if args.engine == "phikit" else measure_llamacpp
-    print(json.dumps(fn(args.path, args.threads, 16, args.new_tokens, args.prefill, 4096)))
+    run = (args.path, args.threads, 16, args.new_tokens, args.prefill, 4096)
+    if args.engine == "llama.cpp":
+        print(json.dumps(measure_llamacpp(*run)))
+    else:
+        print(json.dumps(measure_phikit(*run, compiled=args.engine == "phikit+compile")))
     return 0
 
 
@@ -219,6 +225,8 @@ def main(argv=None) -> int:
     p.add_argument("--formats", default=",".join(FORMATS), help=f"phikit formats (default: {','.join(FORMATS)})")
     p.add_argument("--reps", type=int, default=1,
                    help="fresh-process runs per row; speeds are their median, RSS their maximum (default: 1)")
+    p.add_argument("--compile", action="store_true",
+                   help="also measure phikit with its decode step compiled (torch.compile; engine phikit+compile)")
     p.add_argument("--json", action="store_true", help="print one JSON list of rows instead of a table")
     p.add_argument("--prepare-only", action="store_true", help="only build the weight files, measure nothing")
     p.add_argument("--child", nargs=3, metavar=("ENGINE", "PATH", "THREADS"), help=argparse.SUPPRESS)
@@ -241,7 +249,7 @@ def main(argv=None) -> int:
         bw = bandwidth_gb_s(threads)
         for name in args.formats.split(","):
             gguf_type = FORMATS[name][1]
-            runs = [("phikit", name, paths[name])]
+            runs = [("phikit", name, paths[name])] + ([("phikit+compile", name, paths[name])] if args.compile else [])
             if have_llamacpp and not any(r["engine"] == "llama.cpp" and r["format"] == gguf_type.upper()
                                          and r["threads"] == threads for r in rows):
                 runs.append(("llama.cpp", gguf_type.upper(), paths[gguf_type]))
@@ -266,21 +274,21 @@ def main(argv=None) -> int:
         return 0
     print(f"\nPhi-3-mini shapes, {args.layers} layers; decode: {args.new_tokens} tokens after 16; "
           f"prefill: {args.prefill} tokens; context 4096")
-    print(f"{'threads':>7} {'engine':<10} {'format':<10} {'decode tok/s':>12} {'prefill tok/s':>13} "
+    print(f"{'threads':>7} {'engine':<14} {'format':<10} {'decode tok/s':>12} {'prefill tok/s':>13} "
           f"{'RSS GiB dec/all':>15} {'decode vs llama.cpp':>20} {'prefill vs llama.cpp':>21}")
     for r in rows:
         if r["engine"] == "ceiling":
-            print(f"{r['threads']:>7} {'ceiling':<10} {r['format']:<10} {r['decode_tok_s']:>12.1f} "
+            print(f"{r['threads']:>7} {'ceiling':<14} {r['format']:<10} {r['decode_tok_s']:>12.1f} "
                   f"{'':>13} {'':>15}   ({r['bandwidth_gb_s']:.1f} GB/s read)")
             continue
         ref = None
-        if r["engine"] == "phikit":
+        if r["engine"].startswith("phikit"):
             gtype = FORMATS[r["format"]][1].upper()
             ref = next((x for x in rows if x["engine"] == "llama.cpp" and x["format"] == gtype
                         and x["threads"] == r["threads"]), None)
         dec = f"{r['decode_tok_s'] / ref['decode_tok_s']:.2f}x {ref['format']}" if ref else ""
         pre = f"{r['prefill_tok_s'] / ref['prefill_tok_s']:.2f}x {ref['format']}" if ref else ""
-        print(f"{r['threads']:>7} {r['engine']:<10} {r['format']:<10} {r['decode_tok_s']:>12.1f} "
+        print(f"{r['threads']:>7} {r['engine']:<14} {r['format']:<10} {r['decode_tok_s']:>12.1f} "
               f"{r['prefill_tok_s']:>13.1f} {r['decode_peak_rss_gb']:>7.2f}/{r['peak_rss_gb']:<7.2f} {dec:>20} {pre:>21}")
     return 0
 

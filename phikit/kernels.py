@@ -40,8 +40,23 @@ def load():
             _state["reason"] = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
             warnings.warn(f"phikit: the compiled quantized-matmul kernels are unavailable ({_state['reason']}); "
                           "quantized layers fall back to a slow pure-PyTorch path", RuntimeWarning, stacklevel=2)
+    if module is not None:
+        _register_shapes()
     _state["module"] = module
     return module
+
+
+def _register_shapes() -> None:
+    """Output shapes of torch.ops.phikit.* (defined in the C++) for tracing, so torch.compile can use them."""
+    import torch
+
+    @torch.library.register_fake("phikit::qlinear")
+    def _(x, qweight, scales, mins, group_size, bits, out_features):
+        return x.new_empty(x.shape[0], out_features)
+
+    @torch.library.register_fake("phikit::decode_attention")
+    def _(q, k, v, mask, scale, k_scale=None, v_scale=None):
+        return torch.empty_like(q)
 
 
 def status() -> str:

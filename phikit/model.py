@@ -24,6 +24,7 @@ from torch import nn
 from . import kernels
 from .config import Config
 from .kv_cache import KVCache
+from .kv_cache import dequantize as dequantize_kv
 from .rope import RotaryEmbedding, apply_rope
 
 
@@ -57,13 +58,18 @@ class Attention(nn.Module):
         k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
         v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if self.kv_cache is not None:
-            k, v = self.kv_cache.update(rows, input_pos, k, v, mask.shape[-1],  # (B, Hkv, S, D)
-                                        masked_read=T > 1 or _decode_kernel(k) is None)
+        k_scale = v_scale = None  # an int8 cache returns codes and their scales (kv_cache.py)
+        if self.kv_cache is not None and rows is None:  # Phi3.decode_step: rows 0..B-1, the whole cache
+            k, v, k_scale, v_scale = self.kv_cache.write(input_pos, k, v)
+        elif self.kv_cache is not None:
+            k, v, k_scale, v_scale = self.kv_cache.update(rows, input_pos, k, v, mask.shape[-1],  # (B, Hkv, S, D)
+                                                          masked_read=T > 1 or _decode_kernel(k) is None)
         # softmax(q k^T / sqrt(D) + mask) v; each KV head serves H / Hkv neighbouring query heads
         if T == 1:  # one query per sequence (decoding)
-            y = decode_attention(q, k, v, mask)
+            y = decode_attention(q, k, v, mask, k_scale, v_scale)
         else:
+            if k_scale is not None:
+                k, v = dequantize_kv(k, k_scale, q.dtype), dequantize_kv(v, v_scale, q.dtype)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_kv_heads != self.n_heads)
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, H*D)
         return self.o_proj(y)
@@ -74,13 +80,15 @@ DECODE_SPAN = 128  # decoding reads the cache in steps of this many slots (see P
 
 def _decode_kernel(k: torch.Tensor):
     """The compiled module whose decode_attention handles this cache, or None."""
-    if k.device.type == "cpu" and k.dtype in (torch.bfloat16, torch.float16, torch.float32):
+    if k.device.type == "cpu" and k.dtype in (torch.bfloat16, torch.float16, torch.float32, torch.int8):
         return kernels.load()
     return None
 
 
-def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """softmax(q k^T / sqrt(D) + mask) v for one query per sequence: q (B, H, 1, D), k, v (B, Hkv, S, D).
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+                     k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """softmax(q k^T / sqrt(D) + mask) v for one query per sequence: q (B, H, 1, D), k, v (B, Hkv, S, D)
+    (int8 codes with scales k_scale, v_scale (B, Hkv, S) for an int8 cache).
 
     On the CPU the compiled kernel (csrc/decode_attention.cpp) reads the cache slice in place; PyTorch's
     bf16 matmul would copy the strided slice first (4-6x slower) and its flash kernel is slower still
@@ -89,8 +97,10 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
     B, H, _, D = q.shape
     ext = _decode_kernel(k)
     if ext is not None:  # it skips masked slots (never reads them)
-        y = ext.decode_attention(q.reshape(B, H, D).float(), k, v, mask.reshape(B, -1).contiguous(), D ** -0.5)
-        return y.to(q.dtype).view(B, H, 1, D)
+        return torch.ops.phikit.decode_attention(q.reshape(B, H, D), k, v, mask.reshape(B, -1).contiguous(),
+                                                 D ** -0.5, k_scale, v_scale).view(B, H, 1, D)
+    if k_scale is not None:
+        k, v = dequantize_kv(k, k_scale, q.dtype), dequantize_kv(v, v_scale, q.dtype)
     Hkv = k.shape[1]
     s = (q.reshape(B, Hkv, H // Hkv, D) @ k.transpose(-1, -2)) * D ** -0.5  # (B, Hkv, G, S)
     s = s.masked_fill(~mask, float("-inf")).softmax(-1, dtype=torch.promote_types(s.dtype, torch.float32))
@@ -133,6 +143,7 @@ class Phi3(nn.Module):
             self.lm_head.weight = self.embed_tokens.weight
         self.rope = RotaryEmbedding(cfg)
         self.cache_rope_long: torch.Tensor | None = None  # (B_max,) LongRoPE list of each cached row: long?
+        self.kv_cache_dtype: torch.dtype | None = None  # setup_cache's default; None: the activation dtype
 
     def forward(self, idx: torch.Tensor, input_pos: torch.Tensor | None = None,
                 rows: slice | torch.Tensor | None = None, last_only: bool = False) -> torch.Tensor:
@@ -169,6 +180,39 @@ class Phi3(nn.Module):
             x = x[:, -1:]
         return self.lm_head(self.norm(x))
 
+    def decode_step(self, idx: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
+        """Logits (B, V) of one new token for each cache row 0..B-1: ids idx (B, 1) at positions input_pos (B, 1).
+
+        forward() for one token per row, written for torch.compile (generate.compile_decode): no host
+        synchronisation and no shape that depends on a position. It attends over the whole cache; the
+        mask hides the slots past each position (the decode kernel never reads them). Call
+        prepare_decode_step(input_pos) first: the checks and bookkeeping that need the positions' values.
+        """
+        cos, sin = self.rope(input_pos, self.rope.use_long(input_pos))
+        x = self.embed_tokens(idx).to(self.norm.weight.dtype)
+        cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+        mask = self._mask(input_pos, self.layers[0].self_attn.kv_cache.max_len)
+        for block in self.layers:
+            x = block(x, cos, sin, mask, input_pos, None)  # rows=None: the whole cache, rows 0..B-1
+        return self.lm_head(self.norm(x))[:, -1]
+
+    def prepare_decode_step(self, input_pos: torch.Tensor) -> None:
+        """The host-side part of decode_step (eager), for positions (B, 1): positions within the cache,
+        one LongRoPE list per sequence, and the cache invariant (slots up to the last position written or zeroed)."""
+        if self.cache_rope_long is None:
+            raise ValueError("decode_step needs a cache: call setup_cache first")
+        B = input_pos.shape[0]
+        S = int(input_pos.max()) + 1
+        cache = self.layers[0].self_attn.kv_cache
+        if S > cache.max_len:
+            raise ValueError(f"position {S - 1} is beyond the cache size {cache.max_len}")
+        if B > cache.k.shape[0]:
+            raise ValueError(f"{B} sequences for a cache of {cache.k.shape[0]} rows")
+        self._check_cache_rope(input_pos, self.rope.use_long(input_pos), slice(0, B))
+        n = S if _decode_kernel(cache.k) is not None else cache.max_len  # PyTorch's attention reads masked slots
+        for block in self.layers:
+            block.self_attn.kv_cache.zero_until(n)
+
     def _mask(self, input_pos: torch.Tensor, S: int) -> torch.Tensor:
         """(B, 1, T, S) bool: query at position p sees key slot j iff p - W < j <= p (W = sliding window)."""
         if self.cache_rope_long is not None:
@@ -182,12 +226,18 @@ class Phi3(nn.Module):
         return mask[:, None]  # broadcast over heads
 
     def setup_cache(self, batch: int, max_len: int, dtype: torch.dtype | None = None) -> None:
-        """Attach a static KV cache of `batch` sequence slots, `max_len` positions each."""
-        dtype = dtype or self.norm.weight.dtype  # the activation dtype (norms are never quantized)
+        """Attach a static KV cache of `batch` sequence slots, `max_len` positions each, in dtype (default:
+        kv_cache_dtype, else the activation dtype); torch.int8 stores codes and scales (kv_cache.py)."""
+        dtype = dtype or self.cache_dtype
         device = self.norm.weight.device
         for block in self.layers:
             block.self_attn.kv_cache = KVCache(batch, self.cfg.n_kv_heads, max_len, self.cfg.head_dim, dtype, device)
         self.cache_rope_long = torch.zeros(batch, dtype=torch.bool, device=device)
+
+    @property
+    def cache_dtype(self) -> torch.dtype:
+        """The dtype setup_cache uses by default."""
+        return self.kv_cache_dtype or self.norm.weight.dtype  # the activation dtype (norms are never quantized)
 
     def remove_cache(self) -> None:
         for block in self.layers:

@@ -228,16 +228,15 @@ class QuantLinear(QuantTensor):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape[:-1]
-        x2 = x.reshape(-1, self.in_features).float()
         ext = kernels.load() if self.kernel == "auto" else None
         if self.kernel == "oracle":
-            y = quant_matmul_reference(x2, self)
+            y = quant_matmul_reference(x.reshape(-1, self.in_features), self)
         elif ext is None:  # no C++ here: the same activation rounding, dequantized weights, float32 GEMM
-            y = F.linear(quantize_activations_reference(x2, self.group_size), self.dequantize(torch.float32))
-        else:
-            xq, xs, xsum = ext.quantize_activations(x2, self.group_size, False)
-            y = ext.quant_matmul(xq, xs, xsum, self.qweight, self.scales, self.mins, self.group_size, self.bits, False)
-            y = y[:, : self.out_features]
+            x2 = quantize_activations_reference(x.reshape(-1, self.in_features), self.group_size)
+            y = F.linear(x2, self.dequantize(torch.float32))
+        else:  # one operator: quantize the activations, multiply, cast back to x's dtype (as the paths above)
+            y = torch.ops.phikit.qlinear(x.reshape(-1, self.in_features), self.qweight, self.scales, self.mins,
+                                         self.group_size, self.bits, self.out_features)
         return y.to(x.dtype).reshape(*shape, self.out_features)
 
     def extra_repr(self) -> str:

@@ -90,5 +90,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     """Rotate the first d dims of each head. x: (B, H, T, D); cos, sin: (B, T, d) in x's dtype."""
     d = cos.shape[-1]
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (B, 1, T, d): broadcast over heads
+    if d == x.shape[-1]:  # full rotary (all but Phi-4-mini)
+        return x * cos + rotate_half(x) * sin
     x_rot, x_pass = x[..., :d], x[..., d:]
     return torch.cat((x_rot * cos + rotate_half(x_rot) * sin, x_pass), dim=-1)

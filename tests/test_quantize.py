@@ -238,3 +238,35 @@ def test_quality_gate_on_a_float_model_trained_here(tmp_path):
                              timeout=600)
         assert out.returncode == 0 and "-> pass" in out.stderr, (args, out.stderr[-1000:])
         shutil.rmtree(tmp_path / "q")
+
+
+@pytest.mark.parametrize("kv_cache_dtype", [None, torch.int8])
+def test_compiled_decode_equals_the_eager_step(kv_cache_dtype):
+    """generate.compile_decode (torch.compile of Phi3.decode_step, with the C++ operators in the graph) gives
+    the eager tokens, across the LongRoPE switch, and a new cache length does not compile again."""
+    from torch._dynamo.utils import counters
+
+    from phikit.generate import compile_decode, decode_one, prefill
+
+    model = tiny()
+    quantize_model(model, bits=4, group_size=32)
+    model.kv_cache_dtype = kv_cache_dtype
+    prompts = [torch.randint(0, 512, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (20, 9)]
+    eager = list(phikit.generate(model, prompts, 30))  # crosses the LongRoPE switch at 32
+    decode = compile_decode(model)
+    assert list(phikit.generate(model, prompts, 30, decode_fn=decode)) == eager
+    graphs = counters["stats"]["unique_graphs"]
+    assert graphs >= 1
+    assert list(phikit.generate(model, prompts, 30, max_seq_len=100, decode_fn=decode)) == eager
+    assert counters["stats"]["unique_graphs"] == graphs  # the cache length is a dynamic dimension
+    # one step, logits against the eager step
+    model.setup_cache(2, 64)
+    for b, p in enumerate(prompts):
+        prefill(model, torch.tensor(p), b)
+    tok, pos = torch.tensor([3, 4]), torch.tensor([20, 9])
+    fast = decode(model, tok, pos)
+    slow = decode_one(model, tok, pos)
+    assert (fast - slow).abs().max() <= 1e-4 * slow.abs().max()
+    with pytest.raises(ValueError, match="beyond the cache size"):
+        decode(model, tok, torch.tensor([64, 9]))
+    model.remove_cache()

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..cli import add_model_args, add_sampling_args, load_from, sampling_from
+from ..cli import add_model_args, add_sampling_args, decode_fn_from, load_from, sampling_from
 
 HELP = "commands: /reset clears the conversation, /exit quits (Ctrl-D too)"
 
@@ -32,6 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     from ..generate import stream_text
 
     stops = stop_ids(tokenizer)
+    decode = decode_fn_from(args, model)  # compiled once, reused by every turn
     opening = [{"role": "system", "content": args.system}] if args.system else []
     messages = list(opening)
     interactive = sys.stdin.isatty()
@@ -55,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         messages.append({"role": "user", "content": text})
         reply = []
         for piece in stream_text(model, tokenizer, encode_chat(messages, tokenizer), args.max_new_tokens,
-                                 sampling, stops, args.stop):
+                                 sampling, stops, args.stop, decode_fn=decode):
             reply.append(piece)
             sys.stdout.write(piece)
             sys.stdout.flush()

@@ -14,7 +14,7 @@ def parser() -> argparse.ArgumentParser:
         prog="phikit convert",
         description="Convert a checkpoint (HF directory, hub id or .gguf file) to a GGUF file that llama.cpp "
                     "runs, or to a Hugging Face safetensors directory.")
-    add_model_args(p)
+    add_model_args(p, decoding=False)
     p.add_argument("--to", required=True, choices=("gguf", "hf"), help="output format (required)")
     p.add_argument("--out", required=True, help="output .gguf file, or directory for --to hf (required)")
     p.add_argument("--type", default="f16", choices=("f16", "q8_0", "q4_0", "q4_1"),

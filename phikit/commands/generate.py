@@ -6,7 +6,7 @@ import argparse
 import sys
 import time
 
-from ..cli import add_model_args, add_sampling_args, load_from, sampling_from
+from ..cli import add_model_args, add_sampling_args, decode_fn_from, load_from, sampling_from
 
 
 def parser() -> argparse.ArgumentParser:
@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     first = None
     for piece in stream_text(model, tokenizer, ids, args.max_new_tokens, sampling, stop_ids(tokenizer),
-                             args.stop, stats=stats):
+                             args.stop, stats=stats, decode_fn=decode_fn_from(args, model)):
         first = first or time.perf_counter()
         sys.stdout.write(piece)
         sys.stdout.flush()

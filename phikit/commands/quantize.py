@@ -29,7 +29,7 @@ def parser() -> argparse.ArgumentParser:
         prog="phikit quantize",
         description="Quantize a checkpoint's weights to 4 or 8 bits and write a checkpoint that phikit.load, "
                     "generate, chat and serve read directly.")
-    add_model_args(p)
+    add_model_args(p, decoding=False)
     p.add_argument("--out", required=True, help="output checkpoint directory (required)")
     p.add_argument("--bits", type=int, default=4, choices=(4, 8), help="bits per weight (default: 4)")
     p.add_argument("--group-size", type=int, default=32, choices=(32, 64, 128),

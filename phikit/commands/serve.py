@@ -12,7 +12,7 @@ import os
 import signal
 import sys
 
-from ..cli import add_model_args, load_from
+from ..cli import add_model_args, decode_fn_from, load_from
 
 GRACE_SECONDS = 30  # how long in-flight requests may run on after SIGTERM
 
@@ -56,7 +56,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from ..serve import Engine
 
-    engine = Engine(model, tokenizer, max_batch=args.max_batch, max_context=max_context)
+    engine = Engine(model, tokenizer, max_batch=args.max_batch, max_context=max_context,
+                    decode_fn=decode_fn_from(args, model))
     model_id = args.model.rstrip("/").split("/")[-1] if os.path.exists(args.model) else args.model
     app = create_app(engine, model_id, api_key=args.api_key)
     print(f"phikit: serving {model_id} on http://{args.host}:{args.port}/v1 (max batch {args.max_batch}, "

@@ -1,8 +1,9 @@
 // Attention of one new query per sequence over the KV cache (decoding), for phikit/model.py.
 //
 //   q     (B, H, D)        float32, contiguous
-//   k, v  (B, Hkv, S, D)   the cache's first S slots: float32 / bfloat16 / float16, any strides
+//   k, v  (B, Hkv, S, D)   the cache's first S slots: float32 / bfloat16 / float16 / int8, any strides
 //                          except the last dimension (contiguous), as a slice of the static cache is
+//   k_scale, v_scale (B, Hkv, S)  float32, for an int8 cache only: slot s holds k[s] * k_scale[s]
 //   mask  (B, S)           bool: key slot j visible to row b
 //   out   (B, H, D)        float32: softmax(q k^T * scale + mask) v, each KV head serving H / Hkv
 //                          neighbouring query heads (grouped-query attention)
@@ -40,10 +41,11 @@ void softmax_in_place(float* sc, const bool* mask, int64_t S, float mx) {
   for (int64_t s = 0; s < S; ++s) sc[s] *= inv;
 }
 
+// One KV head of one sequence: its G query heads q (G, D) -> out (G, D). Key/value slot s is row s of
+// k/v (strides ks, vs); with an int8 cache, ksc[s] / vsc[s] are the slots' scales (else null).
 template <typename T>
-void attend_row(const float* q, const T* k, const T* v, int64_t ks, int64_t vs, const bool* mask, int64_t S,
-                int64_t D, int G, float scale, float* out, float* scores) {
-  // scores for the G query heads sharing this KV head: (G, S)
+void attend_row(const float* q, const T* k, const T* v, int64_t ks, int64_t vs, const float* ksc, const float* vsc,
+                const bool* mask, int64_t S, int64_t D, int G, float scale, float* out, float* scores) {
   for (int gq = 0; gq < G; ++gq) {
     const float* qq = q + gq * D;
     float* sc = scores + gq * S;
@@ -53,7 +55,7 @@ void attend_row(const float* q, const T* k, const T* v, int64_t ks, int64_t vs, 
       const T* kr = k + s * ks;
       float acc = 0.f;
       for (int64_t d = 0; d < D; ++d) acc += qq[d] * to_float(kr[d]);
-      sc[s] = acc * scale;
+      sc[s] = acc * (ksc ? ksc[s] * scale : scale);
       mx = std::max(mx, sc[s]);
     }
     softmax_in_place(sc, mask, S, mx);
@@ -64,7 +66,7 @@ void attend_row(const float* q, const T* k, const T* v, int64_t ks, int64_t vs, 
     if (!mask[s]) continue;
     const T* vr = v + s * vs;
     for (int gq = 0; gq < G; ++gq) {
-      const float p = scores[gq * S + s];
+      const float p = scores[gq * S + s] * (vsc ? vsc[s] : 1.f);
       float* o = out + gq * D;
       for (int64_t d = 0; d < D; ++d) o[d] += p * to_float(vr[d]);
     }
@@ -74,25 +76,30 @@ void attend_row(const float* q, const T* k, const T* v, int64_t ks, int64_t vs, 
 #ifdef PHIKIT_X86
 #define PHIKIT_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,fma")))
 
-PHIKIT_TARGET inline __m512 load_bf16(const c10::BFloat16* p) {
+PHIKIT_TARGET inline __m512 load16(const c10::BFloat16* p) {
   const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
 
-// bf16 cache, D a multiple of 16: the same computation with 16-wide float32 vectors
-PHIKIT_TARGET void attend_row_bf16(const float* q, const c10::BFloat16* k, const c10::BFloat16* v, int64_t ks,
-                                   int64_t vs, const bool* mask, int64_t S, int64_t D, int G, float scale,
-                                   float* out, float* scores) {
+PHIKIT_TARGET inline __m512 load16(const int8_t* p) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+}
+
+// bf16 or int8 cache, D a multiple of 16: the same computation with 16-wide float32 vectors
+template <typename T>
+PHIKIT_TARGET void attend_row_avx512(const float* q, const T* k, const T* v, int64_t ks, int64_t vs, const float* ksc,
+                                     const float* vsc, const bool* mask, int64_t S, int64_t D, int G, float scale,
+                                     float* out, float* scores) {
   for (int gq = 0; gq < G; ++gq) {
     const float* qq = q + gq * D;
     float* sc = scores + gq * S;
     float mx = -std::numeric_limits<float>::infinity();
     for (int64_t s = 0; s < S; ++s) {
       if (!mask[s]) { sc[s] = -std::numeric_limits<float>::infinity(); continue; }
-      const c10::BFloat16* kr = k + s * ks;
+      const T* kr = k + s * ks;
       __m512 acc = _mm512_setzero_ps();
-      for (int64_t d = 0; d < D; d += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(qq + d), load_bf16(kr + d), acc);
-      sc[s] = _mm512_reduce_add_ps(acc) * scale;
+      for (int64_t d = 0; d < D; d += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(qq + d), load16(kr + d), acc);
+      sc[s] = _mm512_reduce_add_ps(acc) * (ksc ? ksc[s] * scale : scale);
       mx = std::max(mx, sc[s]);
     }
     softmax_in_place(sc, mask, S, mx);
@@ -100,12 +107,12 @@ PHIKIT_TARGET void attend_row_bf16(const float* q, const c10::BFloat16* k, const
   for (int64_t i = 0; i < G * D; ++i) out[i] = 0.f;
   for (int64_t s = 0; s < S; ++s) {
     if (!mask[s]) continue;
-    const c10::BFloat16* vr = v + s * vs;
+    const T* vr = v + s * vs;
     for (int gq = 0; gq < G; ++gq) {
-      const __m512 p = _mm512_set1_ps(scores[gq * S + s]);
+      const __m512 p = _mm512_set1_ps(scores[gq * S + s] * (vsc ? vsc[s] : 1.f));
       float* o = out + gq * D;
       for (int64_t d = 0; d < D; d += 16)
-        _mm512_storeu_ps(o + d, _mm512_fmadd_ps(p, load_bf16(vr + d), _mm512_loadu_ps(o + d)));
+        _mm512_storeu_ps(o + d, _mm512_fmadd_ps(p, load16(vr + d), _mm512_loadu_ps(o + d)));
     }
   }
 }
@@ -119,7 +126,9 @@ bool has_avx512() {
 
 }  // namespace
 
-torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor mask, double scale) {
+// k_scale, v_scale (B, Hkv, S) float32, last dimension contiguous: given iff the cache is int8
+torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor mask, double scale,
+                               c10::optional<torch::Tensor> k_scale, c10::optional<torch::Tensor> v_scale) {
   TORCH_CHECK(q.dim() == 3 && q.dtype() == torch::kFloat32 && q.is_contiguous(), "q: contiguous float32 (B, H, D)");
   TORCH_CHECK(k.dim() == 4 && v.dim() == 4 && k.sizes() == v.sizes() && k.dtype() == v.dtype(),
               "k, v: (B, Hkv, S, D) of one dtype");
@@ -128,35 +137,53 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v
   TORCH_CHECK(k.size(0) == B && k.size(3) == D && H % Hkv == 0, "q and k/v shapes do not match");
   TORCH_CHECK(mask.dtype() == torch::kBool && mask.dim() == 2 && mask.size(0) == B && mask.size(1) == S &&
               mask.is_contiguous(), "mask: contiguous bool (B, S)");
+  const bool int8 = k.scalar_type() == at::kChar;
+  TORCH_CHECK(int8 == (k_scale.has_value() && v_scale.has_value()), "an int8 cache needs k_scale and v_scale (others none)");
+  if (int8)
+    for (const auto* t : {&*k_scale, &*v_scale})
+      TORCH_CHECK(t->dtype() == torch::kFloat32 && t->dim() == 3 && t->size(0) == B && t->size(1) == Hkv &&
+                  t->size(2) == S && t->stride(2) == 1, "k_scale, v_scale: float32 (B, Hkv, S), last dimension contiguous");
   const int G = static_cast<int>(H / Hkv);
   auto out = torch::empty({B, H, D}, torch::kFloat32);
   const float sc = static_cast<float>(scale);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, k.scalar_type(), "decode_attention", [&] {
-    const scalar_t* kp = k.data_ptr<scalar_t>();
-    const scalar_t* vp = v.data_ptr<scalar_t>();
-    const float* qp = q.data_ptr<float>();
-    const bool* mp = mask.data_ptr<bool>();
-    float* op = out.data_ptr<float>();
+  const float* qp = q.data_ptr<float>();
+  const bool* mp = mask.data_ptr<bool>();
+  float* op = out.data_ptr<float>();
+  auto run = [&](auto tag) {
+    using T = decltype(tag);
+    const T* kp = static_cast<const T*>(k.data_ptr());
+    const T* vp = static_cast<const T*>(v.data_ptr());
     at::parallel_for(0, B * Hkv, 1, [&](int64_t i0, int64_t i1) {
       std::vector<float> scores(static_cast<size_t>(G * S));
       for (int64_t i = i0; i < i1; ++i) {
         const int64_t b = i / Hkv, h = i % Hkv;
-        const scalar_t* kb = kp + b * k.stride(0) + h * k.stride(1);
-        const scalar_t* vb = vp + b * v.stride(0) + h * v.stride(1);
+        int64_t Sb = S;  // slots past the row's last visible one are not looked at (nor their mask)
+        while (Sb > 0 && !mp[b * S + Sb - 1]) --Sb;
+        const T* kb = kp + b * k.stride(0) + h * k.stride(1);
+        const T* vb = vp + b * v.stride(0) + h * v.stride(1);
+        const float* ksc = int8 ? k_scale->data_ptr<float>() + b * k_scale->stride(0) + h * k_scale->stride(1) : nullptr;
+        const float* vsc = int8 ? v_scale->data_ptr<float>() + b * v_scale->stride(0) + h * v_scale->stride(1) : nullptr;
         const float* qb = qp + (b * H + h * G) * D;
         float* ob = op + (b * H + h * G) * D;
 #ifdef PHIKIT_X86
-        if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+        if constexpr (std::is_same_v<T, c10::BFloat16> || std::is_same_v<T, int8_t>) {
           if (has_avx512() && D % 16 == 0) {
-            attend_row_bf16(qb, reinterpret_cast<const c10::BFloat16*>(kb), reinterpret_cast<const c10::BFloat16*>(vb),
-                            k.stride(2), v.stride(2), mp + b * S, S, D, G, sc, ob, scores.data());
+            attend_row_avx512<T>(qb, kb, vb, k.stride(2), v.stride(2), ksc, vsc, mp + b * S, Sb, D, G, sc, ob,
+                                 scores.data());
             continue;
           }
         }
 #endif
-        attend_row<scalar_t>(qb, kb, vb, k.stride(2), v.stride(2), mp + b * S, S, D, G, sc, ob, scores.data());
+        attend_row<T>(qb, kb, vb, k.stride(2), v.stride(2), ksc, vsc, mp + b * S, Sb, D, G, sc, ob, scores.data());
       }
     });
-  });
+  };
+  switch (k.scalar_type()) {
+    case at::kFloat: run(float{}); break;
+    case at::kBFloat16: run(c10::BFloat16{}); break;
+    case at::kHalf: run(c10::Half{}); break;
+    case at::kChar: run(int8_t{}); break;
+    default: TORCH_CHECK(false, "k, v: float32, bfloat16, float16 or int8");
+  }
   return out;
 }

@@ -321,7 +321,38 @@ torch::Tensor quant_matmul(torch::Tensor xq, torch::Tensor xs, torch::Tensor xsu
 
 bool vnni_available() { return has_vnni(); }
 
-torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor mask, double scale);
+// The whole quantized layer in one call: x [M, K] of any float dtype -> y [M, out_features] in x's dtype.
+torch::Tensor qlinear(const torch::Tensor& x, const torch::Tensor& qweight, const torch::Tensor& scales,
+                      const c10::optional<torch::Tensor>& mins, int64_t g, int64_t bits, int64_t out_features) {
+  TORCH_CHECK(x.dim() == 2 && at::isFloatingType(x.scalar_type()), "x: floating point [M, K]");
+  TORCH_CHECK(out_features > 0 && out_features <= qweight.size(0) * 16, "out_features does not fit the weight tiles");
+  auto a = quantize_activations(x.to(torch::kFloat32), g, false);
+  auto y = quant_matmul(a[0], a[1], a[2], qweight, scales, mins, g, bits, false);
+  if (y.size(1) != out_features) y = y.narrow(1, 0, out_features);
+  return y.to(x.scalar_type()).contiguous();
+}
+
+torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor mask, double scale,
+                               c10::optional<torch::Tensor> k_scale, c10::optional<torch::Tensor> v_scale);
+
+torch::Tensor decode_attention_op(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
+                                  const torch::Tensor& mask, double scale, const c10::optional<torch::Tensor>& k_scale,
+                                  const c10::optional<torch::Tensor>& v_scale) {
+  return decode_attention(q.to(torch::kFloat32).contiguous(), k, v, mask, scale, k_scale, v_scale).to(q.scalar_type());
+}
+
+// The same kernels as operators (torch.ops.phikit.*), so that torch.compile can place them in a graph
+// (their shapes for tracing are registered in phikit/kernels.py).
+TORCH_LIBRARY(phikit, m) {
+  m.def("qlinear(Tensor x, Tensor qweight, Tensor scales, Tensor? mins, int group_size, int bits, int out_features) -> Tensor");
+  m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor mask, float scale, Tensor? k_scale=None, "
+        "Tensor? v_scale=None) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(phikit, CPU, m) {
+  m.impl("qlinear", &qlinear);
+  m.impl("decode_attention", &decode_attention_op);
+}
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("quantize_activations", &quantize_activations, "x float32 [M,K] -> int8 codes, block scales, block code sums");

@@ -140,10 +140,12 @@ class _Slot:
 class Engine:
     """Owns the model on its own thread; `submit` requests from any thread, `cancel` them, `close` at exit."""
 
-    def __init__(self, model: Phi3, tokenizer: Tokenizer, max_batch: int = 8, max_context: int = 2048):
+    def __init__(self, model: Phi3, tokenizer: Tokenizer, max_batch: int = 8, max_context: int = 2048,
+                 decode_fn=decode_one):
         if max_batch < 1 or max_context < 2:
             raise ValueError("max_batch must be >= 1 and max_context >= 2")
         self.model, self.tokenizer = model, tokenizer
+        self.decode_fn = decode_fn  # generate.decode_one or its compiled form (generate.compile_decode)
         self.max_batch, self.max_context = max_batch, max_context
         self.device = model.norm.weight.device  # norms are never quantized
         self.vocab = model.cfg.vocab_size
@@ -281,7 +283,7 @@ class Engine:
         crossing = self.model.rope.use_long(pos[:, None]) != self.model.cache_rope_long[:k]
         fresh = {i: prefill(self.model, torch.tensor(self.slots[i].history, device=self.device), i).float()
                  for i in torch.nonzero(crossing).flatten().tolist() if self.slots[i] is not None}
-        self.logits[:k] = decode_one(self.model, tokens, pos).float()  # rows 0..k-1 of the cache
+        self.logits[:k] = self.decode_fn(self.model, tokens, pos).float()  # rows 0..k-1 of the cache
         for i, row_logits in fresh.items():
             self.logits[i] = row_logits
         self.steps += 1
