@@ -29,6 +29,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .config import Config
+from .memory import check_weights
 from .model import Phi3
 
 HF_PREFIX = "model."
@@ -158,6 +159,14 @@ def _open(f: Path):
 QUANT_SCALES = ("scales", "mins")  # quantized layers' scale tensors: exactly the stored dtype, never cast
 
 
+def _loaded_bytes(meta_state: dict, cfg: Config, dtype: torch.dtype | None, tied: bool) -> int:
+    """What the weights will take in memory: float weights in dtype (default the checkpoint's), codes and
+    scales as stored; a tied lm_head shares the embedding."""
+    float_size = (dtype or getattr(torch, cfg.torch_dtype, torch.bfloat16)).itemsize
+    return sum(t.numel() * (float_size if t.is_floating_point() and not name.endswith(QUANT_SCALES) else t.element_size())
+               for name, t in meta_state.items() if not (tied and name == "lm_head.weight"))
+
+
 def load_model(ckpt: str | os.PathLike, dtype: torch.dtype | None = None, revision: str | None = None) -> Phi3:
     """Build a Phi3 from a checkpoint directory or hub id, on the CPU, in `dtype` (default: the checkpoint's)."""
     ckpt = resolve(ckpt, revision)
@@ -191,6 +200,8 @@ def load_model(ckpt: str | os.PathLike, dtype: torch.dtype | None = None, revisi
     if missing:
         raise CheckpointError(f"tensor {missing[0]!r} is missing from {ckpt}"
                               + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+
+    check_weights(_loaded_bytes(meta_state, cfg, dtype, tied), f"{ckpt.name} ({cfg.n_layers} layers)")
 
     state: dict[str, torch.Tensor] = {}
     handles = {}

@@ -15,15 +15,14 @@ transformers `generation/logits_process.py` (top-p, min-p and repetition penalty
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
-import warnings
-
 import torch
 
-from .memory import check_kv_cache
 from .kv_cache import KVCache
+from .memory import check_kv_cache
 from .model import Phi3
 from .tokenizer import Tokenizer
 

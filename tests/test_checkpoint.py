@@ -165,3 +165,19 @@ def test_not_a_checkpoint(tmp_path):
         load_model(tmp_path)
     with pytest.raises(CheckpointError, match="no such directory"):
         load_model(tmp_path / "nope" / "deeper")
+
+
+def test_weights_that_do_not_fit_are_refused_before_loading(ckpt, monkeypatch):
+    """Memory planning: the size the weights will take (in the requested dtype) is checked against the
+    available RAM before any tensor is read."""
+    from phikit import memory
+
+    path, _ = ckpt
+    model = load_model(path, dtype=torch.float32)
+    need = memory.model_bytes(model)
+    assert need == sum(p.numel() * 4 for p in model.parameters())  # tied: the table once
+    monkeypatch.setattr(memory, "available_bytes", lambda: int(need / 0.9) + 1)
+    load_model(path, dtype=torch.float32)  # just fits
+    with pytest.raises(MemoryError, match=r"needs 0\.\d\d GiB of RAM for its weights"):
+        load_model(path, dtype=torch.float64)  # twice the bytes
+    load_model(path, dtype=torch.float16)  # half the bytes

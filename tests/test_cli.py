@@ -61,6 +61,20 @@ def test_generate_prints_only_the_completion(ckpt):
     assert "new tokens" in out.stderr and "tok/s" in out.stderr
 
 
+def test_generate_with_an_int8_cache_and_a_compiled_step(ckpt):
+    """--kv-cache int8 and --compile reach the model: the compiled step gives the eager tokens (int8 cache)."""
+    import torch
+
+    model, tok = phikit.load(ckpt)
+    model.kv_cache_dtype = torch.int8
+    ids = tok.encode("Hello there", add_special_tokens=True)
+    want = "".join(stream_text(model, tok, ids, 12, stop_ids=stop_ids(tok)))
+    out = run("generate", "--model", str(ckpt), "--prompt", "Hello there", "--max-new-tokens", "12",
+              "--kv-cache", "int8", "--compile", "--threads", "1")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == want + "\n"
+
+
 def test_generate_sampling_is_reproducible_with_a_seed(ckpt):
     args = ("generate", "--model", str(ckpt), "--prompt", "Hello", "--temperature", "1.0", "--top-k", "50",
             "--seed", "3", "--max-new-tokens", "8")

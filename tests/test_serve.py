@@ -348,3 +348,26 @@ def test_a_failing_request_gets_an_error_and_the_engine_goes_on(served):
     assert event.finish_reason == "error" and "IndexError" in event.error
     r = served["client"].completions.create(model="m", prompt="Hello", max_tokens=5, temperature=0)
     assert r.usage.completion_tokens == 5
+
+
+def test_serve_plans_the_context_that_fits(monkeypatch, capsys):
+    """`phikit serve` sizes the KV cache next to the weights: the default context shrinks with a warning,
+    an explicit --max-context that does not fit is refused with what would."""
+    import torch
+
+    from phikit.commands.serve import _plan_context
+    from phikit.memory import kv_cache_bytes, model_bytes
+    from phikit.model import Phi3
+
+    model = Phi3(tiny_config("phi-3-mini-4k-instruct"))
+    weights = model_bytes(model)
+    per_position = kv_cache_bytes(model.cfg, 4, 1, 4)  # float32 cache
+    available = int((weights + 100 * per_position) / 0.9) + 1  # room for 100 positions of 4 sequences
+    assert _plan_context(model, 4, 64, available, explicit=False) == 64
+    assert _plan_context(model, 4, 2000, available, explicit=False) == 100
+    assert "serving a context of 100 positions instead" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="use --max-context 100 or less"):
+        _plan_context(model, 4, 2000, available, explicit=True)
+    model.kv_cache_dtype = torch.int8  # 1 byte a value plus a 4-byte scale per head_dim values, not 4 bytes
+    fits = _plan_context(model, 4, 2000, available, explicit=False)
+    assert abs(fits - 100 * 4 / (1 + 4 / model.cfg.head_dim)) <= 1

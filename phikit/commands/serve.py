@@ -31,7 +31,8 @@ def parser() -> argparse.ArgumentParser:
                    help="most sequences decoded together; more requests wait in a queue (default: 8)")
     g.add_argument("--max-context", type=int, default=None, metavar="N",
                    help="positions per sequence, prompt plus completion; the KV cache holds max-batch x max-context "
-                        "positions (default: the model's context length, at most 4096)")
+                        "positions (default: the model's context length, at most 4096, shrunk with a warning to what "
+                        "fits in RAM next to the weights)")
     g.add_argument("--api-key", default=os.environ.get("PHIKIT_API_KEY"), metavar="KEY",
                    help="require 'Authorization: Bearer KEY' on every request (default: $PHIKIT_API_KEY, else none)")
     return p
@@ -47,10 +48,14 @@ def main(argv: list[str] | None = None) -> int:
         sys.exit(f"phikit: serving needs FastAPI and uvicorn ({e.name} is missing): pip install 'phikit[serve]'")
     if args.max_batch < 1:
         sys.exit("phikit: --max-batch must be >= 1")
+    from ..memory import available_bytes
+
+    available = available_bytes()  # before the weights take their share
     model, tokenizer = load_from(args)
     max_context = args.max_context or min(model.cfg.max_seq_len, 4096)
     if not 2 <= max_context <= model.cfg.max_seq_len:
         sys.exit(f"phikit: --max-context must be in 2..{model.cfg.max_seq_len} (the model's context length)")
+    max_context = _plan_context(model, args.max_batch, max_context, available, explicit=args.max_context is not None)
     if not args.api_key and not _is_loopback(args.host):
         print(f"phikit: warning: serving on {args.host} without --api-key", file=sys.stderr)
 
@@ -70,6 +75,29 @@ def main(argv: list[str] | None = None) -> int:
     server.run()
     engine.close(cancel=True)
     return 0
+
+
+def _plan_context(model, batch: int, max_context: int, available: int | None, explicit: bool) -> int:
+    """The context the KV cache can hold next to the weights in the RAM that was available before loading:
+    max_context if it fits; else a smaller one with a warning (the default context) or an exit (--max-context)."""
+    from ..kv_cache import KVCache
+    from ..memory import GiB, fit_context, kv_cache_bytes, model_bytes
+
+    if available is None:
+        return max_context
+    budget = int(0.9 * available) - model_bytes(model)
+    per_value = KVCache.bytes_per_value(model.cache_dtype, model.cfg.head_dim)
+    fits = fit_context(model.cfg, batch, max_context, per_value, budget)
+    if fits == max_context:
+        return max_context
+    need = kv_cache_bytes(model.cfg, batch, max_context, per_value)
+    msg = (f"a KV cache of {batch} x {max_context} positions needs {need / GiB:.2f} GiB next to "
+           f"{model_bytes(model) / GiB:.2f} GiB of weights, and {available / GiB:.2f} GiB of RAM was available")
+    if explicit or fits < 64:
+        sys.exit(f"phikit: {msg}; use --max-context {fits} or less, a smaller --max-batch, or --kv-cache int8"
+                 if fits >= 2 else f"phikit: {msg}; not even 2 positions fit")
+    print(f"phikit: warning: {msg}; serving a context of {fits} positions instead", file=sys.stderr)
+    return fits
 
 
 def _is_loopback(host: str) -> bool:
