@@ -63,7 +63,7 @@ class KVCache(torch.nn.Module):
     @staticmethod
     def bytes_per_value(dtype: torch.dtype, head_dim: int) -> float:
         """Memory per cached number (keys and values alike), scales included."""
-        return 1 + 4 / head_dim if dtype == torch.int8 else torch.empty(0, dtype=dtype).element_size()
+        return 1 + 4 / head_dim if dtype == torch.int8 else dtype.itemsize
 
     def update(self, rows: slice | torch.Tensor, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                span: int | None = None, masked_read: bool = True):
