@@ -174,8 +174,8 @@ def load_model(ckpt: str | os.PathLike, dtype: torch.dtype | None = None, revisi
         raise CheckpointError(f"{ckpt} has no config.json")
     cfg = Config.from_file(ckpt / "config.json")
     files = _weight_files(ckpt)
+    model = Phi3.empty(cfg)
     with torch.device("meta"):
-        model = Phi3(cfg)
         if cfg.quantization is not None:  # rebuild the quantized structure, then load its buffers
             from .quantize import FORMAT, quantize_model
 

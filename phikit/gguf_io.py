@@ -165,8 +165,7 @@ def load_gguf(path: str | os.PathLike, dtype: torch.dtype | None = None):
     unexpected = sorted(set(tensors) - wanted)
     if unexpected:
         raise GGUFError(f"unexpected tensor {unexpected[0]!r} in {path} for a {cfg.model_type} model")
-    with torch.device("meta"):
-        model = Phi3(cfg)
+    model = Phi3.empty(cfg)
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     state = {}
     for ours, gguf_names in names.items():

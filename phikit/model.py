@@ -145,6 +145,23 @@ class Phi3(nn.Module):
         self.cache_rope_long: torch.Tensor | None = None  # (B_max,) LongRoPE list of each cached row: long?
         self.kv_cache_dtype: torch.dtype | None = None  # setup_cache's default; None: the activation dtype
 
+    @classmethod
+    def empty(cls, cfg: Config) -> "Phi3":
+        """The model's structure on the meta device, without initialising it (a checkpoint is loaded next).
+
+        Random init on the meta device is wasted work, and it goes through torch's decompositions,
+        which import torch._dynamo: ~70 MB of resident memory for nothing (measured).
+        """
+        saved = {name: getattr(nn.init, name) for name in ("kaiming_uniform_", "uniform_", "normal_")}
+        try:
+            for name in saved:
+                setattr(nn.init, name, lambda tensor, *args, **kwargs: tensor)
+            with torch.device("meta"):
+                return cls(cfg)
+        finally:
+            for name, fn in saved.items():
+                setattr(nn.init, name, fn)
+
     def forward(self, idx: torch.Tensor, input_pos: torch.Tensor | None = None,
                 rows: slice | torch.Tensor | None = None, last_only: bool = False) -> torch.Tensor:
         """Logits (B, T, V) for token ids idx (B, T); (B, 1, V) for the last position only with last_only.

@@ -181,3 +181,17 @@ def test_weights_that_do_not_fit_are_refused_before_loading(ckpt, monkeypatch):
     with pytest.raises(MemoryError, match=r"needs 0\.\d\d GiB of RAM for its weights"):
         load_model(path, dtype=torch.float64)  # twice the bytes
     load_model(path, dtype=torch.float16)  # half the bytes
+
+
+def test_loading_skips_random_init(ckpt):
+    """The model is built on the meta device without random init: init there would import torch._dynamo
+    (~70 MB resident) for values that are overwritten anyway; nn.init is left as it was."""
+    path, hf = ckpt
+    normal = torch.nn.init.normal_
+    code = ("import sys, phikit; m, _ = phikit.load(sys.argv[1]); "
+            "print('torch._dynamo' in sys.modules, m.embed_tokens.weight.abs().sum().item() > 0)")
+    out = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["False", "True"]
+    logits_equal(load_model(path), hf)
+    assert torch.nn.init.normal_ is normal

@@ -64,8 +64,8 @@ def quantize_streaming(ckpt: Path, bits: int, group_size: int, symmetric: bool, 
     if cfg.quantization is not None:
         raise ValueError(f"{ckpt} is already quantized ({cfg.quantization})")
     read = copying_reader(_weight_files(ckpt))
+    model = Phi3.empty(cfg)
     with torch.device("meta"):  # the structure only: quantized shells on meta hold no memory either
-        model = Phi3(cfg)
         float_shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
         quantize_model(model, bits, group_size, symmetric, keep_8bit, embedding_bits)
 
