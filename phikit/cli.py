@@ -43,8 +43,8 @@ def add_model_args(p: argparse.ArgumentParser, decoding: bool = True) -> None:
                        help="KV cache storage: auto is the activation dtype; int8 stores codes with one scale per "
                             "token and head, half the memory of bf16 (default: auto)")
         g.add_argument("--compile", action="store_true",
-                       help="compile the decode step with torch.compile: a few %% to ~25%% faster decoding on a CPU "
-                            "after a one-time compilation of ~30 s (a 32-layer model, 2 cores) (default: off)")
+                       help="compile the decode step with torch.compile: ~5-7%% faster decoding on a CPU after a "
+                            "one-time compilation of ~30 s (a 32-layer model, 2 cores) (default: off)")
 
 
 def add_sampling_args(p: argparse.ArgumentParser, temperature: float = 0.0) -> None:

@@ -19,6 +19,7 @@ References: gguf-py (`gguf_reader.py`, `gguf_writer.py`, `quants.py`, `constants
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -26,6 +27,7 @@ import numpy as np
 import torch
 
 from .config import Config
+from .memory import check_weights
 from .model import Phi3
 
 SUPPORTED_ARCHS = ("phi3", "llama")
@@ -167,6 +169,8 @@ def load_gguf(path: str | os.PathLike, dtype: torch.dtype | None = None):
         raise GGUFError(f"unexpected tensor {unexpected[0]!r} in {path} for a {cfg.model_type} model")
     model = Phi3.empty(cfg)
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    n = sum(math.prod(s) for k, s in shapes.items() if not (cfg.tie_embeddings and k == "lm_head.weight"))
+    check_weights(n * dtype.itemsize, f"{path.name} dequantized to {cfg.torch_dtype}")
     state = {}
     for ours, gguf_names in names.items():
         missing = [g for g in gguf_names if g not in tensors]

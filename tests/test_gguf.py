@@ -317,3 +317,14 @@ def test_cli_convert_to_gguf_and_back(tmp_path):
     assert a.returncode == b.returncode == 0 and a.stdout == b.stdout
     bad = run("convert", "--model", str(tmp_path / "nope.gguf"), "--to", "gguf", "--out", str(tmp_path / "x.gguf"))
     assert bad.returncode != 0 and "no such GGUF file" in bad.stderr
+
+
+def test_a_gguf_too_large_once_dequantized_is_refused(smollm2, monkeypatch):
+    """Memory planning for GGUF files: the dequantized size (not the file's) is checked before loading."""
+    from phikit import memory
+
+    need = memory.model_bytes(smollm2[0])  # float32, tied embedding counted once
+    monkeypatch.setattr(memory, "available_bytes", lambda: int(need / 0.9) + 1)
+    with pytest.raises(MemoryError, match="dequantized to float64 needs"):
+        load_gguf(SMOLLM2, dtype=torch.float64)
+    assert memory.model_bytes(load_gguf(SMOLLM2, dtype=torch.bfloat16)[0]) == need // 2
