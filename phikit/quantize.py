@@ -8,7 +8,8 @@ Format "phikit-int4-v2" (the same on disk and in memory, so loading is a read, n
 Every quantized matrix [N, K] has one fp16 scale per group of g consecutive inputs of a row:
 - 4 bits: codes q in 0..15, w = q * scale + min; symmetric: min = -8 * scale (not stored), so 4.5
   bits per weight at g = 32, llama.cpp's Q4_0 size; asymmetric stores the min too (5 bits, Q4_1).
-- 8 bits: codes q in -127..127, w = q * scale (8.5 bits per weight at g = 32, as Q8_0).
+- 8 bits: codes q in -127..127, w = q * scale (8.5 bits per weight at g = 32, as Q8_0); per channel
+  (group_size=0: g is the whole row, 8.0 bits per weight).
 Rows come in tiles of 16 (N is padded to a multiple of 16 with zero rows):
     qweight  4 bits: uint8 [N/16, K*8]: tile t, k-octet o, byte 64o + 4c + i holds q[16t + c, 8o + i]
                      in its low nibble and q[16t + c, 8o + 4 + i] in its high nibble
@@ -162,7 +163,10 @@ def quant_matmul_reference(x: torch.Tensor, layer: "QuantLinear") -> torch.Tenso
 
 def group_size_for(in_features: int, group_size: int) -> int | None:
     """The group size a matrix with in_features inputs gets: group_size, or the largest of 64/32/16 below
-    it that divides in_features (None: no group size fits, the layer stays in float)."""
+    it that divides in_features (None: no group size fits, the layer stays in float); group_size 0 means
+    per channel: one group of in_features (a multiple of 16)."""
+    if group_size == 0:
+        return in_features if in_features % 16 == 0 else None
     for g in (group_size, 64, 32, 16):
         if g <= group_size and in_features % g == 0:
             return g
@@ -282,12 +286,16 @@ def quantize_model(model: nn.Module, bits: int = 4, group_size: int = 32, symmet
 
     keep_8bit: names (suffixes such as "down_proj", "lm_head") of layers to keep at 8 bits. A matrix
     whose width is not a multiple of group_size gets a smaller group that divides it (group_size_for).
+    group_size=0 (8 bits only) is per channel: one scale per output row, and the layer's input
+    activations get one scale per token (coarser than a group's: cheaper, less accurate).
     On a model built on the meta device this only changes the structure (for loading).
     """
     if bits not in (4, 8):
         raise ValueError(f"bits must be 4 or 8, got {bits}")
-    if group_size not in (32, 64, 128):
-        raise ValueError(f"group_size must be 32, 64 or 128, got {group_size}")
+    if group_size not in (0, 32, 64, 128):
+        raise ValueError(f"group_size must be 32, 64, 128 or 0 (per channel), got {group_size}")
+    if group_size == 0 and bits != 8:
+        raise ValueError("per-channel scales (group_size 0) are for 8 bits; 4 bits need groups of 32-128")
     if embedding_bits not in (None, 4, 8):
         raise ValueError(f"embedding_bits must be 4, 8 or None, got {embedding_bits}")
     meta = next(model.parameters()).is_meta

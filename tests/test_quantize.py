@@ -60,7 +60,7 @@ needs_kernels = pytest.mark.skipif(kernels.load() is None, reason="the C++ int4 
 
 @needs_kernels
 @pytest.mark.parametrize("bits, group_size, symmetric", [(4, 32, True), (4, 32, False), (4, 64, True), (4, 128, False),
-                                                         (8, 32, True), (8, 128, True)])
+                                                         (8, 32, True), (8, 128, True), (8, 256, True)])  # 256: per channel
 @pytest.mark.parametrize("M", [1, 2, 7, 13])  # decode (4 tiles per step), 2 tiles, row remainders of 6
 def test_vnni_kernel_equals_the_portable_one_bit_for_bit(bits, group_size, symmetric, M):
     ext = kernels.load()
@@ -120,8 +120,8 @@ def test_embedding_lookup_dequantizes_its_rows(bits, symmetric):
 
 
 @pytest.mark.parametrize("make", [lambda l: Int4Linear(l, 32), lambda l: Int4Linear(l, 128),
-                                  lambda l: Int4Linear(l, 64, symmetric=True), Int8Linear],
-                         ids=["int4-g32", "int4-g128", "int4-g64-sym", "int8"])
+                                  lambda l: Int4Linear(l, 64, symmetric=True), Int8Linear, lambda l: Int8Linear(l, 256)],
+                         ids=["int4-g32", "int4-g128", "int4-g64-sym", "int8", "int8-per-channel"])
 @pytest.mark.parametrize("M", [1, 7, 300])
 @pytest.mark.parametrize("N", [256, 200])  # 200: output rows padded to 16-row tiles
 def test_fast_kernels_equal_the_dequantize_oracle(make, M, N):
@@ -180,6 +180,26 @@ def test_save_load_round_trip(tmp_path):
     (out / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="quantize the float checkpoint again"):
         phikit.load(out)
+
+
+def test_int8_per_channel(tmp_path):
+    """group_size 0: one scale per output row (the group is the whole row); greedy output equals the
+    oracle path, and a saved checkpoint loads back to the same model."""
+    model = tiny()
+    quantize_model(model, bits=8, group_size=0)
+    qkv = model.layers[0].self_attn.qkv_proj
+    assert qkv.group_size == qkv.in_features and qkv.scales.shape[1] == 1
+    assert model.layers[0].mlp.down_proj.group_size == 256 and model.embed_tokens.group_size == 128
+    prompt = torch.randint(0, 512, (20,), generator=torch.Generator().manual_seed(1)).tolist()
+    fast = [t for (t,) in phikit.generate(model, [prompt], 20)]
+    set_kernel(model, "oracle")
+    assert [t for (t,) in phikit.generate(model, [prompt], 20)] == fast
+    set_kernel(model, "auto")
+    again, _ = phikit.load(phikit.save(model, tmp_path / "q8pc"))
+    assert again.cfg.quantization["group_size"] == 0
+    assert [t for (t,) in phikit.generate(again, [prompt], 20)] == fast
+    with pytest.raises(ValueError, match="per-channel scales"):
+        quantize_model(tiny(), bits=4, group_size=0)
 
 
 def test_quantize_command_streams_a_checkpoint(tmp_path):

@@ -32,8 +32,9 @@ def parser() -> argparse.ArgumentParser:
     add_model_args(p, decoding=False)
     p.add_argument("--out", required=True, help="output checkpoint directory (required)")
     p.add_argument("--bits", type=int, default=4, choices=(4, 8), help="bits per weight (default: 4)")
-    p.add_argument("--group-size", type=int, default=32, choices=(32, 64, 128),
-                   help="consecutive weights of a row sharing one fp16 scale (default: 32)")
+    p.add_argument("--group-size", type=int, default=32, choices=(0, 32, 64, 128),
+                   help="consecutive weights of a row sharing one fp16 scale; 0 with --bits 8: per channel, one "
+                        "scale per row (8.0 bits/weight, activations scaled per token: less accurate) (default: 32)")
     p.add_argument("--symmetric", action="store_true",
                    help="4 bits: symmetric groups, w = (q - 8) * scale, 4.5 bits/weight at group 32 like llama.cpp's "
                         "Q4_0; default: asymmetric, w = q * scale + min, 5 bits/weight like Q4_1 (8 bits are "
@@ -92,6 +93,8 @@ def quantize_streaming(ckpt: Path, bits: int, group_size: int, symmetric: bool, 
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    if args.group_size == 0 and args.bits != 8:
+        sys.exit("phikit: --group-size 0 (per channel) is for --bits 8; 4 bits need groups of 32, 64 or 128")
     keep = tuple(k.strip() for k in args.keep_8bit.split(",") if k.strip() and k.strip().lower() != "none")
     t0 = time.perf_counter()
     from ..checkpoint import resolve, save
