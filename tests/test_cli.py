@@ -112,3 +112,24 @@ def test_bad_sampling_value_is_refused(ckpt):
 def test_unknown_command():
     out = run("frobnicate")
     assert out.returncode == 2 and "unknown command" in out.stderr
+
+
+def test_a_context_that_does_not_fit_is_refused_in_one_line(ckpt, monkeypatch, capsys):
+    """generate and chat size the KV cache against the RAM available before loading, next to the weights:
+    a context that does not fit is one line naming what fits (chat drops that turn and goes on)."""
+    import io
+
+    from phikit import memory
+    from phikit.commands import chat, generate
+
+    model, _ = phikit.load(ckpt)
+    per_position = memory.kv_cache_bytes(model.cfg, 1, 1, 4)  # float32 cache
+    ram = int((memory.model_bytes(model) + 100 * per_position) / 0.9) + 1  # room for ~100 positions
+    monkeypatch.setattr(memory, "available_bytes", lambda: ram)
+    with pytest.raises(SystemExit, match=r"a context of \d+ positions needs .* at most 10\d positions fit"):
+        generate.main(["--model", str(ckpt), "--prompt", "Hello", "--max-new-tokens", "300"])
+    assert generate.main(["--model", str(ckpt), "--prompt", "Hello", "--max-new-tokens", "20"]) == 0
+    monkeypatch.setattr("sys.stdin", io.StringIO("Hello\n"))
+    assert chat.main(["--model", str(ckpt), "--max-new-tokens", "300"]) == 0
+    err = capsys.readouterr().err
+    assert "at most 10" in err and "/reset clears the conversation" in err

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..cli import add_model_args, add_sampling_args, decode_fn_from, load_from, sampling_from
+from ..cli import add_model_args, add_sampling_args, context_problem, decode_fn_from, load_from, sampling_from
 
 HELP = "commands: /reset clears the conversation, /exit quits (Ctrl-D too)"
 
@@ -54,9 +54,15 @@ def main(argv: list[str] | None = None) -> int:
         if not text.strip():
             continue
         messages.append({"role": "user", "content": text})
+        ids = encode_chat(messages, tokenizer)
+        problem = context_problem(args, model, 1, len(ids) + args.max_new_tokens)
+        if problem:  # the turn is dropped; /reset starts a shorter conversation
+            messages.pop()
+            print(f"[{problem}; /reset clears the conversation]", file=sys.stderr)
+            continue
         reply = []
-        for piece in stream_text(model, tokenizer, encode_chat(messages, tokenizer), args.max_new_tokens,
-                                 sampling, stops, args.stop, decode_fn=decode):
+        for piece in stream_text(model, tokenizer, ids, args.max_new_tokens, sampling, stops, args.stop,
+                                 decode_fn=decode):
             reply.append(piece)
             sys.stdout.write(piece)
             sys.stdout.flush()

@@ -6,7 +6,7 @@ import argparse
 import sys
 import time
 
-from ..cli import add_model_args, add_sampling_args, decode_fn_from, load_from, sampling_from
+from ..cli import add_model_args, add_sampling_args, context_problem, decode_fn_from, load_from, sampling_from
 
 
 def parser() -> argparse.ArgumentParser:
@@ -42,6 +42,9 @@ def main(argv: list[str] | None = None) -> int:
         ids = tokenizer.encode(prompt, add_special_tokens=True)
     if not ids:
         sys.exit("phikit: the prompt encodes to no tokens")
+    problem = context_problem(args, model, 1, len(ids) + args.max_new_tokens)
+    if problem:
+        sys.exit(f"phikit: {problem}")
     stats: dict = {}
     t0 = time.perf_counter()
     first = None

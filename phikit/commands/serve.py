@@ -48,14 +48,12 @@ def main(argv: list[str] | None = None) -> int:
         sys.exit(f"phikit: serving needs FastAPI and uvicorn ({e.name} is missing): pip install 'phikit[serve]'")
     if args.max_batch < 1:
         sys.exit("phikit: --max-batch must be >= 1")
-    from ..memory import available_bytes
-
-    available = available_bytes()  # before the weights take their share
     model, tokenizer = load_from(args)
     max_context = args.max_context or min(model.cfg.max_seq_len, 4096)
     if not 2 <= max_context <= model.cfg.max_seq_len:
         sys.exit(f"phikit: --max-context must be in 2..{model.cfg.max_seq_len} (the model's context length)")
-    max_context = _plan_context(model, args.max_batch, max_context, available, explicit=args.max_context is not None)
+    max_context = _plan_context(model, args.max_batch, max_context, args.ram_before_load,
+                                explicit=args.max_context is not None)
     if not args.api_key and not _is_loopback(args.host):
         print(f"phikit: warning: serving on {args.host} without --api-key", file=sys.stderr)
 
