@@ -8,9 +8,10 @@
 
 Random weights are generated once (seeded) in the Phi-3-mini-4k configuration and written as a
 bf16 safetensors checkpoint; `phikit quantize` makes int4 (group 32 symmetric and asymmetric, group
-128) and int8 (group 32) checkpoints from it, and `phikit convert` makes the GGUF files llama.cpp
-runs (Q4_0, Q4_1, Q8_0, F16) from the same weights; each phikit format is compared with the GGUF
-type of the same layout and size (every matrix quantized, embedding included). Every measurement
+128) and int8 (group 32, and per channel) checkpoints from it, and `phikit convert` makes the GGUF
+files llama.cpp runs (Q4_0, Q4_1, Q8_0, F16) from the same weights; each phikit format is compared
+with the GGUF type of the same layout and size (every matrix quantized, embedding included; int8
+per channel, which has no GGUF type, with Q8_0). Every measurement
 runs in a fresh process (so peak RSS is that engine's alone), with the same thread count for both
 engines: decode = 128 greedy tokens after a 16-token prompt, then prefill = one 512-token prompt.
 The context allocated is 4096 tokens for both engines. Peak RSS (GiB) is read after decoding
@@ -39,6 +40,7 @@ FORMATS = {  # name -> (phikit quantize args | None for bf16, llama.cpp GGUF typ
     "int4-g32a": (["--bits", "4", "--group-size", "32", *ALL4], "q4_1"),                # asymmetric: 5 bits, as Q4_1
     "int4-g128": (["--bits", "4", "--group-size", "128", "--symmetric", *ALL4], "q4_0"),  # 4.125 bits/weight
     "int8": (["--bits", "8", "--group-size", "32"], "q8_0"),                           # 8.5 bits/weight, as Q8_0
+    "int8-pc": (["--bits", "8", "--group-size", "0"], "q8_0"),     # per channel: 8.0 bits/weight (no GGUF type)
     "bf16": (None, "f16"),
 }
 
