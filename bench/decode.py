@@ -3,7 +3,7 @@
     python bench/decode.py                 # full 3.8B shapes (needs ~20 GB of disk in --cache, ~25 min)
     python bench/decode.py --layers 4      # a quick run on a 4-layer model of the same widths
     python bench/decode.py --json          # one JSON list of rows instead of the table
-    python bench/decode.py --reps 3        # each row the median of 3 fresh-process runs
+    python bench/decode.py --reps 3        # each row the median of 3 fresh-process runs, taken in turns
     python bench/decode.py --compile       # also phikit with the decode step compiled (torch.compile)
 
 Random weights are generated once (seeded) in the Phi-3-mini-4k configuration and written as a
@@ -228,7 +228,8 @@ def main(argv=None) -> int:
     p.add_argument("--cache", default=str(ROOT / "bench" / ".cache"), help="where weights are kept (default: bench/.cache)")
     p.add_argument("--formats", default=",".join(FORMATS), help=f"phikit formats (default: {','.join(FORMATS)})")
     p.add_argument("--reps", type=int, default=1,
-                   help="fresh-process runs per row; speeds are their median, RSS their maximum (default: 1)")
+                   help="fresh-process runs per row, taken in turns across the rows of a thread count; speeds are "
+                        "their median, RSS their maximum (default: 1)")
     p.add_argument("--compile", action="store_true",
                    help="also measure phikit with its decode step compiled (torch.compile; engine phikit+compile)")
     p.add_argument("--json", action="store_true", help="print one JSON list of rows instead of a table")
@@ -251,28 +252,39 @@ def main(argv=None) -> int:
     rows = []
     for threads in [int(t) for t in args.threads.split(",")]:
         bw = bandwidth_gb_s(threads)
+        # every run at this thread count, in table order: each format's phikit rows, then llama.cpp's
+        # type of the same size (once per type), then the format's ceiling
+        plan = []
         for name in args.formats.split(","):
             gguf_type = FORMATS[name][1]
-            runs = [("phikit", name, paths[name])] + ([("phikit+compile", name, paths[name])] if args.compile else [])
-            if have_llamacpp and not any(r["engine"] == "llama.cpp" and r["format"] == gguf_type.upper()
-                                         and r["threads"] == threads for r in rows):
-                runs.append(("llama.cpp", gguf_type.upper(), paths[gguf_type]))
+            plan.append(("phikit", name, paths[name]))
+            if args.compile:
+                plan.append(("phikit+compile", name, paths[name]))
+            if have_llamacpp and ("llama.cpp", gguf_type.upper(), paths[gguf_type]) not in plan:
+                plan.append(("llama.cpp", gguf_type.upper(), paths[gguf_type]))
+            plan.append(("ceiling", name, paths[name]))
+        runs = [r for r in plan if r[0] != "ceiling"]
+        reps = {r: [] for r in runs}
+        # repetitions go round the runs (A B C A B C ...), not one run after another (A A B B C C): the
+        # host's bandwidth drifts over tens of seconds, and interleaving lets every engine see the same drift
+        for _ in range(args.reps):
             for engine, fmt, path in runs:
                 cmd = [sys.executable, __file__, "--child", engine, path, str(threads),
                        "--new-tokens", str(args.new_tokens), "--prefill", str(args.prefill)]
-                reps = []
-                for _ in range(args.reps):
-                    out = subprocess.run(cmd, capture_output=True, text=True)
-                    if out.returncode != 0:
-                        print(out.stderr[-2000:], file=sys.stderr)
-                        raise SystemExit(f"{engine} {fmt} failed")
-                    reps.append(json.loads(out.stdout))
-                row = {key: statistics.median(r[key] for r in reps) for key in reps[0]}  # speeds: median of reps
-                row.update({key: max(r[key] for r in reps) for key in reps[0] if "rss" in key})  # memory: the worst
-                rows.append({"engine": engine, "format": fmt, "threads": threads, "reps": args.reps, **row})
-            nbytes = weight_bytes_per_token(paths[name])
-            rows.append({"engine": "ceiling", "format": name, "threads": threads, "bandwidth_gb_s": bw,
-                         "decode_tok_s": bw * 1e9 / nbytes})
+                out = subprocess.run(cmd, capture_output=True, text=True)
+                if out.returncode != 0:
+                    print(out.stderr[-2000:], file=sys.stderr)
+                    raise SystemExit(f"{engine} {fmt} failed")
+                reps[(engine, fmt, path)].append(json.loads(out.stdout))
+        for engine, fmt, path in plan:
+            if engine == "ceiling":
+                rows.append({"engine": "ceiling", "format": fmt, "threads": threads, "bandwidth_gb_s": bw,
+                             "decode_tok_s": bw * 1e9 / weight_bytes_per_token(path)})
+                continue
+            got = reps[(engine, fmt, path)]
+            row = {key: statistics.median(r[key] for r in got) for key in got[0]}  # speeds: median of reps
+            row.update({key: max(r[key] for r in got) for key in got[0] if "rss" in key})  # memory: the worst
+            rows.append({"engine": engine, "format": fmt, "threads": threads, "reps": args.reps, **row})
     if args.json:
         print(json.dumps(rows, indent=1))
         return 0

@@ -34,6 +34,10 @@
 namespace {
 
 constexpr int MR_MAX = 6;
+// Decoding reads the weights as one sequential stream per thread (one 16-row tile after the next) and
+// prefetches 6 KB ahead: on Zen 4 that reads 37 GB/s on one core where four interleaved tile streams
+// with a 1 KB prefetch read 30 (3.8B shapes, int4 g32).
+constexpr int PREFETCH = 6144;
 
 inline float half_to_float(uint16_t h) { return static_cast<float>(c10::Half(h, c10::Half::from_bits())); }
 
@@ -139,8 +143,11 @@ PHIKIT_TARGET void tile_vnni(const int8_t* xq, const float* xs, const int32_t* x
       __m512i lo[NV], hi[NV];
       for (int v = 0; v < NV; ++v) {
         const uint8_t* at = wb + v * wstride + o * 8 * BITS * 2;
-        // decoding is memory-bound: ask for the bytes 1 KB ahead of each weight stream
-        if (MR == 1) _mm_prefetch(reinterpret_cast<const char*>(at + 1024), _MM_HINT_T0);
+        // decoding is memory-bound: ask for the weights PREFETCH bytes ahead (non-temporal: read once a token)
+        if (MR == 1) {
+          _mm_prefetch(reinterpret_cast<const char*>(at + PREFETCH), _MM_HINT_NTA);
+          if (BITS == 8) _mm_prefetch(reinterpret_cast<const char*>(at + PREFETCH + 64), _MM_HINT_NTA);
+        }
         if (BITS == 8) {  // two k-quads of int8; flipping the sign bit gives q + 128 as unsigned bytes
           lo[v] = _mm512_xor_si512(_mm512_loadu_si512(at), sign);
           hi[v] = _mm512_xor_si512(_mm512_loadu_si512(at + 64), sign);
@@ -227,7 +234,7 @@ template <bool SYM, int BITS>
 void matmul_tiles(int64_t M, int64_t K, int64_t T, int g, const int8_t* xp, const float* sxp, const int32_t* sump,
                   const uint8_t* wp, const uint16_t* sp, const uint16_t* zp, float* yp, bool vnni) {
   const int64_t nb = K / g, wstride = K * BITS * 2, sstride = nb * 16, ldy = T * 16;
-  const int nv = M == 1 ? 4 : 2;  // output tiles per step: decoding streams 4 tiles, prefill reuses 2 over MR rows
+  const int nv = M == 1 ? 1 : 2;  // output tiles per step: decoding streams one, prefill reuses 2 over MR rows
   const int64_t steps = (T + nv - 1) / nv;
   at::parallel_for(0, steps, 1, [&](int64_t s0, int64_t s1) {
     for (int64_t st = s0; st < s1; ++st) {
@@ -247,9 +254,7 @@ void matmul_tiles(int64_t M, int64_t K, int64_t T, int g, const int8_t* xp, cons
           continue;
         }
 #ifdef PHIKIT_X86
-        if (tiles == 4 && mr == 1) {
-          tile_vnni<1, 4, SYM, BITS>(x, sx, su, K, nb, g, w, s, z, yo, ldy);
-        } else if (tiles == 2) {
+        if (tiles == 2) {
           rows_vnni<2, SYM, BITS>(mr, x, sx, su, K, nb, g, w, s, z, yo, ldy);
         } else {
           for (int v = 0; v < tiles; ++v)
