@@ -28,6 +28,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from .bf16_linear import use_bf16_kernel
 from .config import Config
 from .memory import check_weights
 from .model import Phi3
@@ -233,6 +234,7 @@ def load_model(ckpt: str | os.PathLike, dtype: torch.dtype | None = None, revisi
     model.load_state_dict(state, assign=True, strict=True)
     if tied:
         model.lm_head.weight = model.embed_tokens.weight  # assign=True replaced the shared Parameter: re-tie
+    use_bf16_kernel(model)  # bf16 decoding through phikit's kernel (phikit/bf16_linear.py)
     return model.eval()
 
 

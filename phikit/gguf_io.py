@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .bf16_linear import use_bf16_kernel
 from .config import Config
 from .memory import check_weights
 from .model import Phi3
@@ -189,6 +190,7 @@ def load_gguf(path: str | os.PathLike, dtype: torch.dtype | None = None):
     model.load_state_dict(state, assign=True, strict=True)
     if cfg.tie_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
+    use_bf16_kernel(model)
     has_tokenizer = _field(reader, "tokenizer.ggml.model") is not None
     return model.eval(), tokenizer_from_gguf(reader, path) if has_tokenizer else None
 

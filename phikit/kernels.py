@@ -1,11 +1,12 @@
-"""The compiled CPU kernels (phikit/csrc: quantized matmuls, decode attention), built on first use and cached.
+"""The compiled CPU kernels (phikit/csrc: quantized matmuls, decode attention, bf16 decoding matmul), built on
+first use and cached.
 
 torch.utils.cpp_extension compiles the file with the system's C++ compiler (and ninja, a phikit
-dependency) the first time a quantized model runs: about 30 s on 2 cores; the result is cached
+dependency) the first time a quantized or bf16 model runs: about 30 s on 2 cores; the result is cached
 under ~/.cache/torch_extensions (or $TORCH_EXTENSIONS_DIR) and reused by later processes. The
 kernels run AVX512-VNNI code when the CPU has it and portable C++ otherwise. Without a compiler, or
 with PHIKIT_KERNELS=0, `load()` returns None and quantized layers use a pure-PyTorch path with the
-same activation rounding (correct, much slower).
+same activation rounding (correct, much slower) and bf16 layers PyTorch's matmul.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import sys
 import warnings
 from pathlib import Path
 
-_SOURCES = [Path(__file__).parent / "csrc" / f for f in ("quant_kernels.cpp", "decode_attention.cpp")]
+_SOURCES = [Path(__file__).parent / "csrc" / f for f in ("quant_kernels.cpp", "decode_attention.cpp", "bf16_linear.cpp")]
 _NAME = "phikit_quant_v1"
 _state: dict = {}
 
@@ -43,7 +44,14 @@ def load():
     if module is not None:
         _register_shapes()
     _state["module"] = module
+    _state["bf16"] = module is not None and module.bf16_linear_available()  # a plain bool: torch.compile reads it
     return module
+
+
+def bf16_available() -> bool:
+    """Whether the bf16 decoding kernel runs here (a CPU with AVX512-BF16); builds the kernels on first use."""
+    load()
+    return _state["bf16"]
 
 
 def _register_shapes() -> None:
@@ -57,6 +65,10 @@ def _register_shapes() -> None:
     @torch.library.register_fake("phikit::decode_attention")
     def _(q, k, v, mask, scale, k_scale=None, v_scale=None):
         return torch.empty_like(q)
+
+    @torch.library.register_fake("phikit::bf16_linear")
+    def _(x, w):
+        return x.new_empty(x.shape[0], w.shape[0])
 
 
 def status() -> str:

@@ -346,17 +346,22 @@ torch::Tensor decode_attention_op(const torch::Tensor& q, const torch::Tensor& k
   return decode_attention(q.to(torch::kFloat32).contiguous(), k, v, mask, scale, k_scale, v_scale).to(q.scalar_type());
 }
 
+torch::Tensor bf16_linear(const torch::Tensor& x, const torch::Tensor& w);
+bool bf16_linear_available();
+
 // The same kernels as operators (torch.ops.phikit.*), so that torch.compile can place them in a graph
 // (their shapes for tracing are registered in phikit/kernels.py).
 TORCH_LIBRARY(phikit, m) {
   m.def("qlinear(Tensor x, Tensor qweight, Tensor scales, Tensor? mins, int group_size, int bits, int out_features) -> Tensor");
   m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor mask, float scale, Tensor? k_scale=None, "
         "Tensor? v_scale=None) -> Tensor");
+  m.def("bf16_linear(Tensor x, Tensor w) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(phikit, CPU, m) {
   m.impl("qlinear", &qlinear);
   m.impl("decode_attention", &decode_attention_op);
+  m.impl("bf16_linear", &bf16_linear);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -364,4 +369,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("quant_matmul", &quant_matmul, "4- or 8-bit weights x 8-bit activations -> float32 [M, N padded to 16]");
   m.def("vnni_available", &vnni_available, "whether this CPU runs the AVX512-VNNI kernels");
   m.def("decode_attention", &decode_attention, "one query per sequence over the KV cache (decode_attention.cpp)");
+  m.def("bf16_linear_available", &bf16_linear_available, "whether this CPU runs the bf16 decoding kernel (AVX512-BF16)");
 }
