@@ -17,8 +17,11 @@ engines: decode = 128 greedy tokens after a 16-token prompt, then prefill = one 
 The context allocated is 4096 tokens for both engines. Peak RSS (GiB) is read after decoding
 (dec) and at the end (all: the 512-token prefill adds its KV cache and activations).
 
-The ceiling is the machine's measured read bandwidth divided by the bytes of weights read per
-token (every matrix once; the embedding table is only indexed). llama.cpp is optional
+The ceiling is the machine's read bandwidth divided by the bytes of weights read per token (every
+matrix once; the embedding table is only indexed). The bandwidth of a shared machine drifts, so it
+is measured in a separate process just before every run (column "read GB/s": the median over a
+row's runs); a format's ceiling uses the median over the runs of its rows and of the llama.cpp row
+it is compared with. llama.cpp is optional
 (`pip install llama-cpp-python`, which builds it from source); without it only phikit rows print.
 """
 
@@ -212,7 +215,9 @@ def weight_bytes_per_token(path: str) -> int:
 
 def child(args) -> int:
     run = (args.path, args.threads, 16, args.new_tokens, args.prefill, 4096)
-    if args.engine == "llama.cpp":
+    if args.engine == "probe":
+        print(json.dumps({"bandwidth_gb_s": bandwidth_gb_s(args.threads)}))
+    elif args.engine == "llama.cpp":
         print(json.dumps(measure_llamacpp(*run)))
     else:
         print(json.dumps(measure_phikit(*run, compiled=args.engine == "phikit+compile")))
@@ -249,9 +254,17 @@ def main(argv=None) -> int:
     except ImportError:
         have_llamacpp = False
         print("llama-cpp-python is not installed: measuring phikit only", file=sys.stderr)
+    def run_child(engine: str, path: str, threads: int) -> dict:
+        cmd = [sys.executable, __file__, "--child", engine, path, str(threads),
+               "--new-tokens", str(args.new_tokens), "--prefill", str(args.prefill)]
+        out = subprocess.run(cmd, capture_output=True, text=True)
+        if out.returncode != 0:
+            print(out.stderr[-2000:], file=sys.stderr)
+            raise SystemExit(f"{engine} {path} failed")
+        return json.loads(out.stdout)
+
     rows = []
     for threads in [int(t) for t in args.threads.split(",")]:
-        bw = bandwidth_gb_s(threads)
         # every run at this thread count, in table order: each format's phikit rows, then llama.cpp's
         # type of the same size (once per type), then the format's ceiling
         plan = []
@@ -269,15 +282,13 @@ def main(argv=None) -> int:
         # host's bandwidth drifts over tens of seconds, and interleaving lets every engine see the same drift
         for _ in range(args.reps):
             for engine, fmt, path in runs:
-                cmd = [sys.executable, __file__, "--child", engine, path, str(threads),
-                       "--new-tokens", str(args.new_tokens), "--prefill", str(args.prefill)]
-                out = subprocess.run(cmd, capture_output=True, text=True)
-                if out.returncode != 0:
-                    print(out.stderr[-2000:], file=sys.stderr)
-                    raise SystemExit(f"{engine} {fmt} failed")
-                reps[(engine, fmt, path)].append(json.loads(out.stdout))
+                bw = run_child("probe", "-", threads)  # the bandwidth right now, in a process of its own
+                reps[(engine, fmt, path)].append({**run_child(engine, path, threads), **bw})
         for engine, fmt, path in plan:
             if engine == "ceiling":
+                gguf_type = FORMATS[fmt][1].upper()
+                bw = statistics.median(r["bandwidth_gb_s"] for (e, f, _), got in reps.items() for r in got
+                                       if f == fmt or (e == "llama.cpp" and f == gguf_type))
                 rows.append({"engine": "ceiling", "format": fmt, "threads": threads, "bandwidth_gb_s": bw,
                              "decode_tok_s": bw * 1e9 / weight_bytes_per_token(path)})
                 continue
@@ -291,11 +302,11 @@ def main(argv=None) -> int:
     print(f"\nPhi-3-mini shapes, {args.layers} layers; decode: {args.new_tokens} tokens after 16; "
           f"prefill: {args.prefill} tokens; context 4096")
     print(f"{'threads':>7} {'engine':<14} {'format':<10} {'decode tok/s':>12} {'prefill tok/s':>13} "
-          f"{'RSS GiB dec/all':>15} {'decode vs llama.cpp':>20} {'prefill vs llama.cpp':>21}")
+          f"{'RSS GiB dec/all':>15} {'read GB/s':>9} {'decode vs llama.cpp':>20} {'prefill vs llama.cpp':>21}")
     for r in rows:
         if r["engine"] == "ceiling":
             print(f"{r['threads']:>7} {'ceiling':<14} {r['format']:<10} {r['decode_tok_s']:>12.1f} "
-                  f"{'':>13} {'':>15}   ({r['bandwidth_gb_s']:.1f} GB/s read)")
+                  f"{'':>13} {'':>15} {r['bandwidth_gb_s']:>9.1f}   (median of the rows' runs)")
             continue
         ref = None
         if r["engine"].startswith("phikit"):
@@ -305,7 +316,8 @@ def main(argv=None) -> int:
         dec = f"{r['decode_tok_s'] / ref['decode_tok_s']:.2f}x {ref['format']}" if ref else ""
         pre = f"{r['prefill_tok_s'] / ref['prefill_tok_s']:.2f}x {ref['format']}" if ref else ""
         print(f"{r['threads']:>7} {r['engine']:<14} {r['format']:<10} {r['decode_tok_s']:>12.1f} "
-              f"{r['prefill_tok_s']:>13.1f} {r['decode_peak_rss_gb']:>7.2f}/{r['peak_rss_gb']:<7.2f} {dec:>20} {pre:>21}")
+              f"{r['prefill_tok_s']:>13.1f} {r['decode_peak_rss_gb']:>7.2f}/{r['peak_rss_gb']:<7.2f} "
+              f"{r['bandwidth_gb_s']:>9.1f} {dec:>20} {pre:>21}")
     return 0
 
 
