@@ -186,6 +186,7 @@ def load_model(ckpt: str | os.PathLike, dtype: torch.dtype | None = None, revisi
                                       f"{FORMAT!r}: quantize the float checkpoint again with `phikit quantize`")
             quantize_model(model, q["bits"], q["group_size"], q.get("symmetric", False), tuple(q.get("keep_8bit", ())),
                            q.get("embedding_bits", 8))
+            cfg.quantization["calibrated"] = bool(q.get("calibrated", False))  # how the codes were chosen: kept
     meta_state = model.state_dict()
     params = {k: tuple(v.shape) for k, v in meta_state.items()}
     tied = cfg.tie_embeddings and "lm_head.weight" in params  # a quantized model unties its lm_head

@@ -18,6 +18,11 @@ Rows come in tiles of 16 (N is padded to a multiple of 16 with zero rows):
 The layout is the operand of the AVX512-VNNI kernel in csrc/quant_kernels.cpp: one 64-byte vector
 is 16 rows x 4 inputs. The embedding table uses the same storage; a lookup dequantizes its rows.
 
+Codes are round-to-nearest by default. Calibrated (`importance=` from calibrate.py, `phikit quantize
+--calibrate`): each 4-bit group's scale and min are searched to minimise the error weighted by the
+mean squared activation of each input (search_int4), as llama.cpp's importance matrix does; the
+format is the same, only the numbers stored differ.
+
 Kernels: quantized layers quantize their input activations to int8 per row in blocks of g (scale =
 max|x| / 127, as llama.cpp does) and multiply codes with VPDPBUSD, decode and prefill alike
 (kernels.py builds the C++ on first use). `quant_matmul_reference` is the kernel's arithmetic in
@@ -60,6 +65,75 @@ def quantize_int4(w: torch.Tensor, group_size: int, symmetric: bool = False):
         lo = lo.half().float()
     inv = torch.where(scale > 0, 1 / scale, torch.zeros_like(scale))
     q = torch.round((g - lo[..., None]) * inv[..., None]).clamp(0, 15).to(torch.uint8)
+    return q.reshape(w.shape), scale, lo
+
+
+def search_int4(w: torch.Tensor, group_size: int, symmetric: bool, importance: torch.Tensor,
+                grid: int = 16) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """quantize_int4 with each group's scale (and min) chosen to minimise the importance-weighted error.
+
+    importance [K] >= 0 weighs the inputs (calibrate.py measures mean x^2 of each input channel), so
+    the error minimised is the expected squared change of the layer's outputs, sum_k a_k (w_k - w'_k)^2,
+    not the weight error alone: a group spends its 16 levels where the activations are large.
+    Candidates per group, each rounded to fp16 as stored, codes re-rounded for each: round-to-nearest
+    (quantize_int4) first, so a tie keeps it and the result is never worse than it; then `grid`
+    ranges shrunk from 1.0 to 0.7 of the extremes (symmetric: the signed extreme value mapped to code
+    -8 or to +7, 0.7-1.1 of it; asymmetric: both ends, or one); then the weighted least-squares
+    scale (and min) for the best codes found. The work is row-chunked: memory stays ~100 MB per matrix.
+
+    References: llama.cpp `ggml-quants.c` make_qx_quants / make_qkx2_quants with an importance matrix
+    (imatrix); AWQ (Lin et al., 2023) clip search.
+    """
+    N, K = w.shape
+    if importance.shape != (K,):
+        raise ValueError(f"importance must have one value per input ({K}), got shape {tuple(importance.shape)}")
+    a = importance.detach().float().clamp(min=0)
+    a = (a + 1e-6 * a.mean() + 1e-30).reshape(1, K // group_size, group_size)  # no input weighs exactly nothing
+    rows = max(16, 2**22 // K)
+    parts = [_search_rows(w[r:r + rows], group_size, symmetric, a, grid) for r in range(0, N, rows)]
+    return tuple(torch.cat(x) for x in zip(*parts))
+
+
+def _search_rows(w, group_size, symmetric, a, grid):
+    g = _groups(w, group_size)                                       # [n, nb, g]
+    q, scale, lo = quantize_int4(w, group_size, symmetric)         # round-to-nearest: the first candidate
+    q = q.reshape(g.shape)
+    best = (a * (g - (q.float() * scale[..., None] + lo[..., None])) ** 2).sum(-1)
+
+    def consider(s, m=None):  # a candidate scale (symmetric) or scale and min: keep it where it does better
+        nonlocal q, scale, lo, best
+        s = s.half().float()
+        m = -8 * s if m is None else m.half().float()
+        inv = torch.where(s != 0, 1 / s, torch.zeros_like(s))
+        c = torch.round((g - m[..., None]) * inv[..., None]).clamp(0, 15)
+        err = (a * (g - (c * s[..., None] + m[..., None])) ** 2).sum(-1)
+        better = err < best
+        q = torch.where(better[..., None], c.to(torch.uint8), q)
+        scale, lo, best = torch.where(better, s, scale), torch.where(better, m, lo), torch.where(better, err, best)
+
+    if symmetric:
+        ext = g.gather(-1, g.abs().argmax(-1, keepdim=True))[..., 0]  # signed extreme value
+        for f in torch.linspace(0.7, 1.1, grid).tolist():
+            consider(-ext * f / 8)  # the extreme value at code -8 (scale negative for a positive extreme)
+            consider(ext * f / 7)   # at +7
+    else:
+        mn, mx = g.amin(-1), g.amax(-1)
+        for f in torch.linspace(0.7, 1.0, grid).tolist()[:-1]:
+            consider((mx - mn) * f / 15, mn * f)                   # both ends shrunk towards 0
+            consider((mx - mn * f) / 15, mn * f)                   # the low end only
+            consider((mx * f - mn) / 15, mn)                       # the high end only
+    c = q.float()  # least squares for the codes chosen: min sum a (w - s c - m)^2 over s (and m)
+    if symmetric:
+        c = c - 8
+        den = (a * c * c).sum(-1)
+        consider(torch.where(den > 0, (a * g * c).sum(-1) / den.clamp(min=1e-30), scale))
+    else:
+        sa, sc, scc = a.sum(-1).expand_as(best), (a * c).sum(-1), (a * c * c).sum(-1)
+        sw, swc = (a * g).sum(-1), (a * g * c).sum(-1)
+        det = sa * scc - sc * sc
+        ok = det.abs() > 1e-12 * (sa * scc).clamp(min=1e-30)
+        d = torch.where(ok, det, torch.ones_like(det))
+        consider(torch.where(ok, (sa * swc - sc * sw) / d, scale), torch.where(ok, (scc * sw - sc * swc) / d, lo))
     return q.reshape(w.shape), scale, lo
 
 
@@ -193,13 +267,15 @@ class QuantTensor(nn.Module):
         else:
             self.mins = None
 
-    def set_weight(self, w: torch.Tensor) -> None:
-        """Quantize the float matrix w [N, K] into this storage."""
+    def set_weight(self, w: torch.Tensor, importance: torch.Tensor | None = None) -> None:
+        """Quantize the float matrix w [N, K] into this storage: round-to-nearest, or at 4 bits with
+        importance [K] (calibrate.py), the importance-weighted search of search_int4."""
         pad = self.qweight.shape[0] * TILE - w.shape[0]
         if self.bits == 8:
             q, scale = quantize_int8(w, self.group_size)
         else:
-            q, scale, lo = quantize_int4(w, self.group_size, self.symmetric)
+            q, scale, lo = quantize_int4(w, self.group_size, self.symmetric) if importance is None else \
+                search_int4(w, self.group_size, self.symmetric, importance)
             if not self.symmetric:
                 self.mins = tile_groups(F.pad(lo, (0, 0, 0, pad))).half()
         self.qweight = pack(F.pad(q, (0, 0, 0, pad)), self.bits)
@@ -221,9 +297,10 @@ class QuantLinear(QuantTensor):
         self.in_features, self.out_features, self.kernel = in_features, out_features, kernel
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, bits: int, group_size: int, symmetric: bool = True) -> "QuantLinear":
+    def from_linear(cls, linear: nn.Linear, bits: int, group_size: int, symmetric: bool = True,
+                    importance: torch.Tensor | None = None) -> "QuantLinear":
         m = cls(linear.in_features, linear.out_features, bits, group_size, symmetric)
-        m.set_weight(linear.weight.detach())
+        m.set_weight(linear.weight.detach(), importance)
         return m
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -281,8 +358,14 @@ class QuantEmbedding(QuantTensor):
 # ---- model surgery --------------------------------------------------------------------------------
 
 def quantize_model(model: nn.Module, bits: int = 4, group_size: int = 32, symmetric: bool = False,
-                   keep_8bit: tuple[str, ...] = (), embedding_bits: int | None = 8) -> dict:
+                   keep_8bit: tuple[str, ...] = (), embedding_bits: int | None = 8,
+                   importance: dict[str, torch.Tensor] | None = None) -> dict:
     """Swap the model's linear layers (and embedding) for quantized ones, in place; return the settings.
+
+    importance: {linear layer name: [in_features] tensor}, the mean squared input of each layer on
+    calibration text (calibrate.activation_stats): its 4-bit layers then get the weighted search of
+    search_int4 instead of round-to-nearest (8-bit layers and the embedding stay round-to-nearest);
+    every quantized linear layer must have an entry.
 
     keep_8bit: names (suffixes such as "down_proj", "lm_head") of layers to keep at 8 bits. A matrix
     whose width is not a multiple of group_size gets a smaller group that divides it (group_size_for).
@@ -306,8 +389,10 @@ def quantize_model(model: nn.Module, bits: int = 4, group_size: int = 32, symmet
         if g is None:
             continue
         b = 8 if bits == 8 or any(name == k or name.endswith("." + k) or name.endswith(k) for k in keep_8bit) else 4
+        if importance is not None and not meta and name not in importance:
+            raise ValueError(f"no calibration statistics for layer {name!r}")
         new = QuantLinear(module.in_features, module.out_features, b, g, symmetric) if meta else \
-            QuantLinear.from_linear(module, b, g, symmetric)
+            QuantLinear.from_linear(module, b, g, symmetric, None if importance is None else importance[name])
         _set(model, name, new)
     emb = getattr(model, "embed_tokens", None)
     g = group_size_for(emb.weight.shape[1], group_size) if emb is not None else None
@@ -315,7 +400,8 @@ def quantize_model(model: nn.Module, bits: int = 4, group_size: int = 32, symmet
         _set(model, "embed_tokens", QuantEmbedding(*emb.weight.shape, embedding_bits, g, symmetric) if meta
              else QuantEmbedding.from_embedding(emb, embedding_bits, g, symmetric))
     settings = {"format": FORMAT, "bits": bits, "group_size": group_size, "symmetric": symmetric,
-                "keep_8bit": sorted(set(keep_8bit)), "embedding_bits": embedding_bits}
+                "keep_8bit": sorted(set(keep_8bit)), "embedding_bits": embedding_bits,
+                "calibrated": importance is not None}
     if hasattr(model, "cfg"):
         model.cfg.quantization = settings
     return settings

@@ -252,7 +252,8 @@ def test_quality_gate_on_a_float_model_trained_here(tmp_path):
                  str(tmp_path / "run")]):
         done = subprocess.run([sys.executable, *cmd], capture_output=True, text=True, timeout=900)
         assert done.returncode == 0, done.stderr[-2000:]
-    for args in (["--bits", "8"], ["--bits", "4"], ["--bits", "4", "--symmetric", "--keep-8bit", "none"]):
+    for args in (["--bits", "8"], ["--bits", "4"], ["--bits", "4", "--symmetric", "--keep-8bit", "none"],
+                 ["--bits", "4", "--symmetric", "--keep-8bit", "none", "--calibrate"]):
         out = subprocess.run([sys.executable, "-m", "phikit", "quantize", "--model", str(tmp_path / "run" / "final"),
                               "--check", *args, "--out", str(tmp_path / "q")], capture_output=True, text=True,
                              timeout=600)
