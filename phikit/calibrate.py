@@ -56,4 +56,9 @@ def activation_stats(model: nn.Module, ids: list[int], window: int = 512,
     finally:
         for h in handles:
             h.remove()
-    return {name: (sums[name] / counts[name]).float() for name in sums}
+    stats = {name: (sums[name] / counts[name]).float() for name in sums}
+    bad = [name for name, v in stats.items() if not bool(torch.isfinite(v).all())]
+    if bad:
+        raise ValueError(f"the float model's activations overflow on the calibration text ({', '.join(bad[:3])}"
+                         f"{'...' if len(bad) > 3 else ''}); calibrate in bfloat16 or float32 (--dtype)")
+    return stats

@@ -76,10 +76,10 @@ def search_int4(w: torch.Tensor, group_size: int, symmetric: bool, importance: t
     the error minimised is the expected squared change of the layer's outputs, sum_k a_k (w_k - w'_k)^2,
     not the weight error alone: a group spends its 16 levels where the activations are large.
     Candidates per group, each rounded to fp16 as stored, codes re-rounded for each: round-to-nearest
-    (quantize_int4) first, so a tie keeps it and the result is never worse than it; then `grid`
-    ranges shrunk from 1.0 to 0.7 of the extremes (symmetric: the signed extreme value mapped to code
-    -8 or to +7, 0.7-1.1 of it; asymmetric: both ends, or one); then the weighted least-squares
-    scale (and min) for the best codes found. The work is row-chunked: memory stays ~100 MB per matrix.
+    (quantize_int4) first, so a tie keeps it and the result is never worse than it; then, for `grid`
+    factors f, symmetric: the signed extreme value times f (0.7-1.1) at code -8 or at +7 (2 * grid
+    candidates); asymmetric: the low end, the high end or both pulled in to f (0.7-1) of themselves
+    (3 * (grid - 1)); then the weighted least-squares scale (and min) of the best codes found. The work is row-chunked: memory stays ~100 MB per matrix.
 
     References: llama.cpp `ggml-quants.c` make_qx_quants / make_qkx2_quants with an importance matrix
     (imatrix); AWQ (Lin et al., 2023) clip search.

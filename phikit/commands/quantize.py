@@ -54,8 +54,8 @@ def parser() -> argparse.ArgumentParser:
                         "phikit's own ~3.9K-token sample, which shares nothing with the --check text) and choose "
                         "each group's scale and min to minimise the error weighted by the mean squared input of "
                         "each channel, instead of rounding to nearest; same format and speed, lower error "
-                        "(README: calibrated quantization). Costs one pass of the float model over the text "
-                        "and a search over every matrix (default: off)")
+                        "(README: Calibrated 4-bit codes). Costs one pass of the float model over the text "
+                        "and a search over every matrix; the float model must fit in RAM, as for --check (default: off)")
     p.add_argument("--check", action="store_true",
                    help="measure perplexity, KL and top-1 agreement against the float model on held-out text, "
                         "and refuse to write a checkpoint that fails the gate (default: off)")
@@ -110,17 +110,22 @@ def quantize_streaming(ckpt: Path, bits: int, group_size: int, symmetric: bool, 
     return model.eval()
 
 
-def calibrate(reference, tokenizer, text: str | None) -> dict[str, torch.Tensor] | None:
-    """The float model's activation statistics on the calibration text (None without --calibrate)."""
+def calibration_ids(tokenizer, text: str | None) -> list[int] | None:
+    """The calibration text's token ids (None without --calibrate), checked before any model is loaded."""
     if text is None:
         return None
     if tokenizer is None:
         sys.exit("phikit: --calibrate needs a tokenizer to encode the calibration text")
-    from ..calibrate import activation_stats
-
     ids = tokenizer.encode(text)
     if len(ids) < 64:
         sys.exit(f"phikit: the calibration text is {len(ids)} tokens; give at least 64 (a few thousand is usual)")
+    return ids
+
+
+def calibrate(reference, ids: list[int]) -> dict[str, torch.Tensor]:
+    """The float model's activation statistics on the calibration tokens."""
+    from ..calibrate import activation_stats
+
     t = time.perf_counter()
     stats = activation_stats(reference, ids)
     print(f"[phikit] calibration: {len(ids)} tokens through the float model in {time.perf_counter() - t:.1f}s",
@@ -158,14 +163,16 @@ def main(argv: list[str] | None = None) -> int:
         from ..tokenizer import Tokenizer
 
         tokenizer = Tokenizer(src) if (src / "tokenizer.json").exists() else None
-        # the memory-mapped float model, for calibration and the gate only
-        reference = load_from(args, need_tokenizer=False)[0] if args.check or calibration is not None else None
-        importance = calibrate(reference, tokenizer, calibration)
+        # calibration and the gate run the float model, memory-mapped: loaded for each and dropped after, so
+        # that its pages are not resident while the quantizer streams
+        ids = calibration_ids(tokenizer, calibration)
         try:
+            importance = None if ids is None else calibrate(load_from(args, need_tokenizer=False)[0], ids)
             model = quantize_streaming(src, args.bits, args.group_size, args.symmetric, keep, DTYPES[args.dtype],
                                        args.embedding_bits, importance)
         except (ValueError, KeyError, OSError) as e:
             sys.exit(f"phikit: {e}")
+        reference = load_from(args, need_tokenizer=False)[0] if args.check else None
     else:  # a GGUF file (or the demo model): small enough to hold twice
         import copy
 
@@ -173,7 +180,11 @@ def main(argv: list[str] | None = None) -> int:
         # the quantized engine runs bf16 activations unless --dtype says otherwise (a GGUF loads as float32),
         # and the gate compares with the float model in that same dtype
         reference = reference.to(DTYPES[args.dtype] or torch.bfloat16)
-        importance = calibrate(reference, tokenizer, calibration)
+        ids = calibration_ids(tokenizer, calibration)
+        try:
+            importance = None if ids is None else calibrate(reference, ids)
+        except ValueError as e:
+            sys.exit(f"phikit: {e}")
         model = copy.deepcopy(reference)
         quantize_model(model, args.bits, args.group_size, args.symmetric, keep, args.embedding_bits, importance)
     print(f"[phikit] quantized to {args.bits} bits in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
