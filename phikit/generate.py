@@ -82,11 +82,33 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: 
     return torch.where(seen, penalised, logits)
 
 
+PREFILL_CHUNK = 512  # prompt tokens per forward call
+
+
 @torch.no_grad()
-def prefill(model: Phi3, prompt: torch.Tensor, row: int) -> torch.Tensor:
-    """Run one prompt (T,) into cache row `row`; return the logits (V,) of its last position."""
-    pos = torch.arange(prompt.numel(), device=prompt.device)
-    return model(prompt[None], pos[None], rows=slice(row, row + 1), last_only=True)[0, -1]
+def prefill(model: Phi3, prompt: torch.Tensor, row: int, chunk: int = PREFILL_CHUNK) -> torch.Tensor:
+    """Run one prompt (T,) into cache row `row`; return the logits (V,) of its last position.
+
+    A prompt longer than `chunk` tokens goes through in chunks, each attending to the cache the ones
+    before it wrote (llama.cpp's n_batch), all with the LongRoPE list of the whole prompt. Activation
+    memory is then that of `chunk` tokens whatever the prompt's length, and a CPU runs it faster:
+    Phi-3-mini int4 g128, a 4000-token prompt at 2 threads: 60-63 -> 93 tokens/s, peak RSS 4.1 ->
+    3.65 GiB (README). Each token is computed the same way, up to float rounding where a
+    GEMM blocks differently for another row count (float32 ~1e-7 here; the quantized kernels give
+    identical bits); the tests check the logits and the cache against one call.
+    """
+    if chunk < 1:
+        raise ValueError(f"chunk must be >= 1, got {chunk}")
+    T = prompt.numel()
+    pos = torch.arange(T, device=prompt.device)[None]
+    rows = slice(row, row + 1)
+    if model.cache_rope_long is None or T <= chunk:  # no cache: the chunks could not see each other
+        return model(prompt[None], pos, rows=rows, last_only=True)[0, -1]
+    rope_long = model.rope.use_long(pos)
+    for start in range(0, T, chunk):
+        logits = model(prompt[None, start:start + chunk], pos[:, start:start + chunk], rows=rows, last_only=True,
+                       rope_long=rope_long)
+    return logits[0, -1]
 
 
 @torch.no_grad()

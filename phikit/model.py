@@ -163,19 +163,23 @@ class Phi3(nn.Module):
                 setattr(nn.init, name, fn)
 
     def forward(self, idx: torch.Tensor, input_pos: torch.Tensor | None = None,
-                rows: slice | torch.Tensor | None = None, last_only: bool = False) -> torch.Tensor:
+                rows: slice | torch.Tensor | None = None, last_only: bool = False,
+                rope_long: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (B, T, V) for token ids idx (B, T); (B, 1, V) for the last position only with last_only.
 
         input_pos: (T,) or (B, T) absolute positions, default 0..T-1. With a cache (setup_cache) the
         keys and values are written at these positions and all earlier cached ones are attended.
         rows: which cache rows (sequence slots) this batch is: a slice or index tensor, default 0..B-1.
+        rope_long: (B,) bool, the LongRoPE list of each sequence; default: chosen from input_pos (long
+        if the sequence reaches past original_max_seq_len). A prompt run in chunks passes the choice
+        of the whole prompt, so that its first chunks use the list its last one needs.
         """
         B, T = idx.shape
         if input_pos is None:
             input_pos = torch.arange(T, device=idx.device)
         input_pos = input_pos.expand(B, T) if input_pos.dim() == 1 else input_pos  # (B, T)
         rows = slice(0, B) if rows is None else rows
-        use_long = self.rope.use_long(input_pos)  # (B,) LongRoPE list per sequence
+        use_long = self.rope.use_long(input_pos) if rope_long is None else rope_long  # (B,) LongRoPE list
         if self.cache_rope_long is not None:
             self._check_cache_rope(input_pos, use_long, rows)
             S = int(input_pos.max()) + 1

@@ -343,3 +343,47 @@ def test_stream_text_stop_string_completed_at_flush(model, tokenizers):
 ])
 def test_partial_stop_len(text, stops, want):
     assert _partial_stop_len(text, stops) == want
+
+
+@pytest.mark.parametrize("preset", ["phi-4-mini-instruct", "phi-3-mini-4k-instruct"])  # LongRoPE; sliding window
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_chunked_prefill_equals_one_call(preset, dtype):
+    """A prompt prefilled in chunks (here 5 tokens; 512 by default) gives the logits and the cache of one
+    call, across the LongRoPE switch point (16) and the sliding window (11): the first chunks already use
+    the factor list the whole prompt needs."""
+    from phikit.generate import prefill
+
+    m = Phi3(tiny_config(preset))
+    m.init_weights(0)
+    m = m.eval().to(dtype)
+    prompt = torch.randint(0, VOCAB, (37,), generator=torch.Generator().manual_seed(2))
+    runs = []
+    for chunk in (512, 5, 16):
+        m.setup_cache(2, 64)
+        logits = prefill(m, prompt, 1, chunk=chunk)
+        cache = m.layers[-1].self_attn.kv_cache
+        runs.append((logits, cache.k[1, :, :37].clone(), cache.v[1, :, :37].clone(), m.cache_rope_long.clone()))
+    for other in runs[1:]:
+        for a, b in zip(runs[0], other):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-5 if dtype == torch.float32 else 1e-2)
+    assert bool(runs[0][3][1]) == m.cfg.longrope  # 37 > 16: the long list, where the preset has one
+    with pytest.raises(ValueError, match="chunk"):
+        prefill(m, prompt, 0, chunk=0)
+
+
+def test_generate_with_a_prompt_longer_than_the_prefill_chunk(model, monkeypatch):
+    """generate() output does not depend on the prefill chunk size."""
+    import functools
+    import sys
+
+    module = sys.modules["phikit.generate"]  # (phikit.generate, the attribute, is the function)
+    prompt = torch.randint(0, VOCAB, (40,), generator=torch.Generator().manual_seed(3)).tolist()
+    whole = list(generate(model, [prompt, P0], 12))
+    monkeypatch.setattr(module, "prefill", functools.partial(module.prefill, chunk=7))
+    calls = []
+    hook = model.register_forward_pre_hook(lambda m, args: calls.append(args[0].shape[1]))
+    try:
+        assert list(generate(model, [prompt, P0], 12)) == whole
+    finally:
+        hook.remove()
+    assert calls[:7] == [7, 7, 7, 7, 7, 5, 4]  # the 40-token prompt in chunks of 7, then the 4-token one
