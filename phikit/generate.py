@@ -93,8 +93,8 @@ def prefill(model: Phi3, prompt: torch.Tensor, row: int, chunk: int = PREFILL_CH
     A prompt longer than `chunk` tokens goes through in chunks, each attending to the cache the ones
     before it wrote (llama.cpp's n_batch), all with the LongRoPE list of the whole prompt. Activation
     memory is then that of `chunk` tokens whatever the prompt's length, and a CPU runs it faster:
-    Phi-3-mini int4 g128, a 4000-token prompt at 2 threads, chunks of 512: 60-63 -> 93 tokens/s, peak
-    RSS 4.1 -> 3.65 GiB (README). Each token is computed the same way, up to float rounding where a
+    Phi-3-mini int4 g128, a 4000-token prompt at 2 threads: 60-63 -> 93-95 tokens/s, peak RSS 4.1 ->
+    3.6 GiB (README). Each token is computed the same way, up to float rounding where a
     GEMM blocks differently for another row count (float32 ~1e-7 here; the quantized kernels give
     identical bits); the tests check the logits and the cache against one call.
     """
