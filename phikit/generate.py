@@ -105,6 +105,9 @@ def prefill(model: Phi3, prompt: torch.Tensor, row: int, chunk: int = PREFILL_CH
     rows = slice(row, row + 1)
     if model.cache_rope_long is None or T <= chunk:  # no cache: the chunks could not see each other
         return model(prompt[None], pos, rows=rows, last_only=True)[0, -1]
+    max_len = model.layers[0].self_attn.kv_cache.max_len
+    if T > max_len:  # refused before any chunk is written, as one call would be
+        raise ValueError(f"position {T - 1} is beyond the cache size {max_len}")
     rope_long = model.rope.use_long(pos)
     for start in range(0, T, chunk):
         logits = model(prompt[None, start:start + chunk], pos[:, start:start + chunk], rows=rows, last_only=True,

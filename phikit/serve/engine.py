@@ -23,9 +23,9 @@ whether a request runs alone or in a full batch (tested).
 The HTTP side never touches the model: it submits a `Request` whose `emit` is thread-safe (the app
 passes `loop.call_soon_threadsafe(queue.put_nowait, event)`), and may `cancel` it at any time.
 
-Limitations: a prompt is prefilled in one piece, so a long prompt stalls the running batch for
-its duration (vLLM's chunked prefill and llama.cpp's `n_batch` splitting are the cure); the
-waiting queue is unbounded.
+Limitations: a prompt is prefilled whole (in chunks of generate.PREFILL_CHUNK tokens, back to
+back), so a long prompt stalls the running batch for its duration (interleaving those chunks with
+decode steps, as vLLM's chunked-prefill scheduler does, is the cure); the waiting queue is unbounded.
 
 References: vLLM `v1/core/sched/scheduler.py` (continuous batching), llama.cpp `tools/server/server.cpp`
 (slots, `update_slots`), mlx-lm `server.py`; Orca (Yu et al., OSDI 2022) for iteration-level scheduling.
