@@ -3,20 +3,27 @@
     python bench/train.py                                   # model, seq_len and batch of examples/pretrain-tiny.yaml
     python bench/train.py --threads 2 --reps 5 --steps 8
 
-Both sides run the same optimizer step on the same random token batch: forward over micro-batches,
+Every variant runs the same optimizer step on the same random token batch: forward over micro-batches,
 cross-entropy, backward (gradient accumulation to the config's batch_size), gradient clipping, AdamW.
-The baseline is transformers' Phi3ForCausalLM (its default SDPA attention) in float32 eager mode with
-torch.optim.AdamW's defaults, the loop one writes from the transformers docs. phikit rows add one
-change at a time, so the table shows what makes the difference:
+transformers' Phi3ForCausalLM runs in the loop one writes from its docs (torch.optim.AdamW's defaults),
+in float32 and under bf16 autocast (the CPU's bf16 matmuls; weights, gradients and AdamW state stay
+float32), each with its default SDPA attention and with attn_implementation="eager" (explicit
+matmuls and softmax), which is the faster of the two in bf16 on the CPU. phikit's rows:
 
-    phikit float32          same math, our model; AdamW foreach (one multi-tensor kernel per group)
-    phikit bf16             bfloat16 autocast for the matmuls (train.precision: bf16), fp32 weights and state
+    phikit float32          same math, our model and step: fused AdamW (phikit.train.optim), the causal
+                            mask as SDPA's is_causal
+    phikit bf16             bfloat16 autocast (train.precision: bf16), fp32 weights and state; attention
+                            with a backward over short sequences stays float32 (model.attention)
     phikit bf16 + compile   torch.compile of each block (train.compile: true): fused elementwise ops
                             (RMSNorm, RoPE, SwiGLU) and fewer temporaries
 
+Columns: tokens/s (median), the ratio to transformers float32 with its default attention, and the
+ratio to the same precision: each row against transformers' default-attention row of its precision,
+and against transformers' fastest row of its precision (whichever attention won in this run).
+
 Variants are timed round-robin, `--reps` times each, after warm-up steps (which include compilation);
-tokens/s is the median. torch.set_num_threads is the same for all. The machine load is printed: on a
-shared machine, compare ratios from one run, not absolute numbers across runs.
+tokens/s is the median. torch.set_num_threads is the same for all. The machine load is printed before
+and after: on a shared machine, compare ratios from one run, not absolute numbers across runs.
 """
 
 from __future__ import annotations
@@ -38,11 +45,11 @@ from phikit.train.optim import make_optimizer
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def hf_setup(cfg: Config):
+def hf_setup(cfg: Config, attention: str = "sdpa"):
     from transformers import Phi3Config, Phi3ForCausalLM
 
     hf = {k: v for k, v in cfg.to_hf().items() if k not in ("architectures", "model_type", "torch_dtype")}
-    model = Phi3ForCausalLM(Phi3Config(**hf)).train()
+    model = Phi3ForCausalLM(Phi3Config(**hf, attn_implementation=attention)).train()
     return (lambda x: model(input_ids=x).logits), model, torch.optim.AdamW(model.parameters(), lr=1e-3,
                                                                         weight_decay=0.1)
 
@@ -89,10 +96,16 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     batch = torch.randint(0, cfg.vocab_size, (B, T + 1))
+    load_before = os.getloadavg()[0]
 
-    variants = {"transformers Phi3ForCausalLM, float32 eager": (hf_setup(cfg), False),
-                "phikit float32": (phikit_setup(cfg, False), False),
-                "phikit bf16 autocast": (phikit_setup(cfg, False), True)}
+    variants = {  # name -> (setup, bf16 autocast?)
+        "transformers float32": (hf_setup(cfg), False),
+        "transformers float32, eager attention": (hf_setup(cfg, "eager"), False),
+        "transformers bf16 autocast": (hf_setup(cfg), True),
+        "transformers bf16 autocast, eager attention": (hf_setup(cfg, "eager"), True),
+        "phikit float32": (phikit_setup(cfg, False), False),
+        "phikit bf16 autocast": (phikit_setup(cfg, False), True),
+    }
     if not args.no_compile:
         variants["phikit bf16 autocast + torch.compile"] = (phikit_setup(cfg, True), True)
     steps = {name: make_step(*setup, batch, mb, bf16) for name, (setup, bf16) in variants.items()}
@@ -109,17 +122,24 @@ def main(argv: list[str] | None = None) -> None:
                 step()
             rates[name].append(args.steps * B * T / (time.perf_counter() - t0))
 
+    med = {name: statistics.median(r) for name, r in rates.items()}
+    precision = {name: "bf16" if bf16 else "float32" for name, (_, bf16) in variants.items()}
+    default = {"float32": med["transformers float32"], "bf16": med["transformers bf16 autocast"]}
+    fastest = {p: max(r for name, r in med.items() if name.startswith("transformers") and precision[name] == p)
+               for p in default}
     n_params = sum(p.numel() for p in Phi3(cfg).parameters())
     print(f"\nmodel: {cfg.n_layers} layers, dim {cfg.dim}, {n_params / 1e6:.2f}M parameters, vocab {cfg.vocab_size}; "
           f"seq_len {T}, batch {B} x {T} tokens in micro-batches of {mb}; torch {torch.__version__}, "
-          f"{threads} thread(s); load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores\n")
-    base = statistics.median(rates["transformers Phi3ForCausalLM, float32 eager"])
-    print(f"| {'variant':<44} | {'tokens/s (median)':>17} | {'vs transformers':>15} |")
-    print(f"|{'-' * 46}|{'-' * 19}|{'-' * 17}|")
-    for name, r in rates.items():
-        med = statistics.median(r)
-        print(f"| {name:<44} | {med:>17,.0f} | {med / base:>14.2f}x |")
-
+          f"{threads} thread(s); load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after, "
+          f"on {os.cpu_count()} cores\n")
+    cols = ("tokens/s", "vs transformers float32", "vs transformers, same precision",
+            "vs fastest transformers, same precision")
+    print(f"| {'variant':<44} | " + " | ".join(cols) + " |")
+    print(f"|{'-' * 46}|" + "|".join("-" * (len(c) + 2) for c in cols) + "|")
+    for name, r in med.items():
+        p = precision[name]
+        cells = (f"{r:,.0f}", f"{r / default['float32']:.2f}x", f"{r / default[p]:.2f}x", f"{r / fastest[p]:.2f}x")
+        print(f"| {name:<44} | " + " | ".join(f"{c:>{len(h)}}" for c, h in zip(cells, cols)) + " |")
 
 if __name__ == "__main__":
     main()

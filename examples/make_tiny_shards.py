@@ -8,7 +8,10 @@ every machine: `web` is loose English prose, `filtered_web` the cleaner factual 
 Python functions, `synthetic` textbook-style questions with worked answers. A 512-entry byte-level BPE
 tokenizer (HF tokenizers) is trained on a sample of all four, saved as a checkpoint-style tokenizer
 directory, and used to pack each source into phikit token shards (phikit/data/shards.py) with a manifest:
-the same layout `phikit data pack` writes, so the recipe cannot tell them apart.
+the same layout `phikit data pack` writes, so the recipe cannot tell them apart. Like `phikit data
+tokenizer`, it reserves Phi-3's chat tokens (`<|system|>`, `<|user|>`, `<|assistant|>`, `<|end|>`) and
+carries the Phi-3.5 chat template, which pretraining never sees and fine-tuning
+(examples/sft-tiny.yaml) teaches.
 """
 
 from __future__ import annotations
@@ -21,10 +24,12 @@ import numpy as np
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
+from phikit.chat_format import family_template
 from phikit.data.shards import write_manifest, write_shard
 from phikit.tokenizer import Tokenizer
 
 EOS = "<|endoftext|>"
+CHAT_TOKENS = ["<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]  # Phi-3's chat markers, reserved
 NOUNS = ["river", "city", "garden", "machine", "teacher", "market", "forest", "engine", "child", "library",
          "mountain", "letter", "window", "farmer", "bridge", "storm", "island", "clock", "painter", "song"]
 ADJS = ["old", "quiet", "bright", "small", "busy", "cold", "green", "heavy", "strange", "gentle", "early", "long"]
@@ -76,10 +81,10 @@ def train_tokenizer(texts: list[str], vocab_size: int) -> Tokenizer:
     backend = HFTokenizer(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS], show_progress=False,
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS, *CHAT_TOKENS], show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     backend.train_from_iterator(texts, trainer)
-    return Tokenizer.from_parts(backend, {"eos_token": EOS})
+    return Tokenizer.from_parts(backend, {"eos_token": EOS, "chat_template": family_template("phi-3.5")})
 
 
 def main(argv: list[str] | None = None) -> None:

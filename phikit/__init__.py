@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 from .checkpoint import CheckpointError, load_model, resolve, save
 from .config import PRESETS, Config, ConfigError
@@ -21,11 +22,28 @@ __version__ = "0.1.0"
 
 
 def load(path_or_id: str | os.PathLike, dtype=None, revision: str | None = None) -> tuple[Phi3, Tokenizer | None]:
-    """(model, tokenizer) from a checkpoint directory, a hub id or a .gguf file.
+    """(model, tokenizer) from a checkpoint directory, a hub id, a .gguf file or a LoRA adapter directory.
 
     The tokenizer is None if a checkpoint directory has no tokenizer.json. GGUF weights are
-    dequantized to dtype (default float32).
+    dequantized to dtype (default float32). An adapter directory (PEFT's adapter_config.json and
+    adapter_model.safetensors, e.g. what `phikit sft` writes after a LoRA run) loads the base it names
+    (`base_model_name_or_path`) and applies the adapter unmerged; its own tokenizer, if it has one,
+    replaces the base's (`train/adapters.py` loads adapters onto a loaded model).
     """
+    path = Path(path_or_id).expanduser()
+    if path.is_dir() and (path / "adapter_config.json").exists() and not (path / "config.json").exists():
+        from .train.adapters import adapter_base, load_adapter
+
+        model, tokenizer = load(adapter_base(path), dtype=dtype, revision=revision)
+        load_adapter(model, path)
+        if (path / "tokenizer.json").exists():
+            tokenizer = Tokenizer(path)
+    else:
+        model, tokenizer = _load_base(path_or_id, dtype, revision)
+    return model, tokenizer
+
+
+def _load_base(path_or_id, dtype, revision):
     if str(path_or_id).lower().endswith(".gguf"):
         from .gguf_io import load_gguf
 

@@ -13,6 +13,8 @@ COMMANDS = {
     "serve": ("phikit.commands.serve", "serve a model over an OpenAI-compatible HTTP API with continuous batching"),
     "data": ("phikit.commands.data", "data pipeline: ingest, dedup, score, filter, tokenizer, pack (see --help)"),
     "pretrain": ("phikit.recipes.pretrain", "pretrain from scratch on token shards (phases, resume, FSDP/DDP)"),
+    "sft": ("phikit.recipes.sft", "supervised fine-tuning on chat data, full or LoRA / QLoRA (resume, FSDP/DDP)"),
+    "lora": ("phikit.commands.lora", "LoRA adapters: convert fused <-> split names, merge into a checkpoint"),
 }
 
 

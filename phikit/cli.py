@@ -39,12 +39,17 @@ def add_model_args(p: argparse.ArgumentParser, decoding: bool = True) -> None:
     g.add_argument("--threads", type=int, default=None, metavar="N",
                    help="CPU threads for PyTorch (default: PyTorch's choice, usually the core count)")
     if decoding:
+        g.add_argument("--adapter", action="append", default=[], metavar="[NAME=]DIR",
+                       help="apply a LoRA adapter directory (PEFT's format, e.g. a `phikit sft` LoRA run's final/) "
+                            "without merging it; serve takes several, NAME=DIR each, chosen per request by its "
+                            "`model` field (other requests get the base) (default: none)")
         g.add_argument("--kv-cache", default="auto", choices=["auto", "int8"],
                        help="KV cache storage: auto is the activation dtype; int8 stores codes with one scale per "
                             "token and head, half the memory of bf16 (default: auto)")
         g.add_argument("--compile", action="store_true",
                        help="compile the decode step with torch.compile: ~5-7%% faster decoding on a CPU after a "
-                            "one-time compilation of ~30 s (a 32-layer model, 2 cores) (default: off)")
+                            "one-time compilation of ~30 s (a 32-layer model, 2 cores); serve refuses it with "
+                            "--adapter (per-request adapters run eagerly) (default: off)")
 
 
 def add_sampling_args(p: argparse.ArgumentParser, temperature: float = 0.0) -> None:
@@ -97,11 +102,45 @@ def load_from(args, need_tokenizer: bool = True):
         model, tokenizer = load(args.model, dtype=DTYPES[args.dtype], revision=args.revision)
     except (CheckpointError, ConfigError, TokenizerError, GGUFError, MemoryError) as e:
         sys.exit(f"phikit: {e}")
+    if getattr(args, "adapter", None):
+        apply_adapters(args, model)
     if tokenizer is None and need_tokenizer:
         sys.exit(f"phikit: {args.model} has no tokenizer.json; text commands need one")
     if getattr(args, "kv_cache", "auto") == "int8":
         model.kv_cache_dtype = torch.int8
     return model, tokenizer
+
+
+def parse_adapters(specs: list[str]) -> dict[str, str]:
+    """{name: directory} from --adapter values `NAME=DIR` or `DIR` (named after the directory's last part)."""
+    from pathlib import Path
+
+    out: dict[str, str] = {}
+    for spec in specs:
+        name, sep, directory = spec.partition("=")
+        if not sep or not name or "/" in name:
+            name, directory = Path(spec.rstrip("/")).name or spec, spec
+        if name in out:
+            sys.exit(f"phikit: --adapter: the name {name!r} is given twice (use NAME=DIR to tell them apart)")
+        out[name] = directory
+    return out
+
+
+def apply_adapters(args, model) -> None:
+    """Load the --adapter directories onto the model; with one, it is active for every sequence."""
+    from .train.adapters import AdapterError, load_adapter
+    from .train.lora import set_active
+
+    adapters = parse_adapters(args.adapter)
+    if len(adapters) > 1 and not getattr(args, "many_adapters", False):
+        sys.exit("phikit: one --adapter at a time here (phikit serve takes several, NAME=DIR each)")
+    try:
+        for name, directory in adapters.items():
+            load_adapter(model, directory, name=name)
+    except (AdapterError, OSError) as e:
+        sys.exit(f"phikit: {e}")
+    set_active(model, next(iter(adapters)) if len(adapters) == 1 else None)
+    args.adapters = adapters
 
 
 def context_problem(args, model, batch: int, max_len: int) -> str | None:

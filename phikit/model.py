@@ -70,9 +70,30 @@ class Attention(nn.Module):
         else:
             if k_scale is not None:
                 k, v = dequantize_kv(k, k_scale, q.dtype), dequantize_kv(v, v_scale, q.dtype)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_kv_heads != self.n_heads)
+            y = attention(q, k, v, mask)
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, H*D)
         return self.o_proj(y)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """softmax(q k^T / sqrt(D) + mask) v by PyTorch's SDPA: q (B, H, T, D), k, v (B, Hkv, S, D); mask None: causal.
+
+    A causal mask goes in as is_causal, so the flash kernel skips the blocks above the diagonal (0.6-0.7x
+    the time of the same mask as a tensor at T=1024, forward + backward). On the CPU, attention that a
+    backward will follow, over a short sequence (T * D <= 16384), runs in float32 even in a bf16 model or
+    under bf16 autocast: there the flash backward is faster in float32 than in bf16 (torch 2.13, Zen 4 with
+    AVX512-BF16, forward + backward: 0.45-0.6x the time at T=128, D=32, 0.7-1.0x up to T * D = 16384;
+    beyond that bf16 is as fast or faster). Under autocast q and k leave RoPE in float32 anyway (the
+    tables are float32), so only v is upcast; the result goes back to v's dtype.
+    """
+    gqa = q.shape[1] != k.shape[1]
+    if q.device.type == "cpu" and q.requires_grad and q.shape[-2] * q.shape[-1] <= 16384:
+        f32 = torch.promote_types(q.dtype, torch.float32)
+        with torch.autocast("cpu", enabled=False):
+            y = F.scaled_dot_product_attention(q.to(f32), k.to(f32), v.to(f32), attn_mask=mask,
+                                               is_causal=mask is None, enable_gqa=gqa)
+        return y.to(v.dtype)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=gqa)
 
 
 DECODE_SPAN = 128  # decoding reads the cache in steps of this many slots (see Phi3.forward)
@@ -164,8 +185,10 @@ class Phi3(nn.Module):
 
     def forward(self, idx: torch.Tensor, input_pos: torch.Tensor | None = None,
                 rows: slice | torch.Tensor | None = None, last_only: bool = False,
-                rope_long: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits (B, T, V) for token ids idx (B, T); (B, 1, V) for the last position only with last_only.
+                rope_long: torch.Tensor | None = None, segments: torch.Tensor | None = None,
+                select: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (B, T, V) for token ids idx (B, T); (B, 1, V) for the last position only with last_only;
+        (N, V) for the N positions where the bool mask select (B, T) is set (training: the trained ones).
 
         input_pos: (T,) or (B, T) absolute positions, default 0..T-1. With a cache (setup_cache) the
         keys and values are written at these positions and all earlier cached ones are attended.
@@ -173,8 +196,14 @@ class Phi3(nn.Module):
         rope_long: (B,) bool, the LongRoPE list of each sequence; default: chosen from input_pos (long
         if the sequence reaches past original_max_seq_len). A prompt run in chunks passes the choice
         of the whole prompt, so that its first chunks use the list its last one needs.
+        segments: (B, T) ints, without a cache only: a token attends only to earlier tokens of its own
+        segment. Packed training rows (several examples in one row, input_pos restarting at 0 for each)
+        pass each example's index here: the mask is block-diagonal, so no example sees another.
         """
         B, T = idx.shape
+        W = self.cfg.sliding_window
+        # the plain causal mask (positions 0..T-1, no cache, no segments, no window within T) is left to SDPA
+        causal = input_pos is None and self.cache_rope_long is None and segments is None and (W is None or T <= W)
         if input_pos is None:
             input_pos = torch.arange(T, device=idx.device)
         input_pos = input_pos.expand(B, T) if input_pos.dim() == 1 else input_pos  # (B, T)
@@ -194,11 +223,17 @@ class Phi3(nn.Module):
         cos, sin = self.rope(input_pos, use_long)
         x = self.embed_tokens(idx).to(self.norm.weight.dtype)  # (B, T, C); the cast matters for a quantized table
         cos, sin = cos.to(x.dtype), sin.to(x.dtype)  # rotate in the activation dtype, as HF does
-        mask = self._mask(input_pos, S)
+        mask = None if causal else self._mask(input_pos, S)  # None: causal
+        if segments is not None:
+            if self.cache_rope_long is not None:
+                raise ValueError("segments (packed rows) are for training without a cache")
+            mask = mask & (segments[:, None, :, None] == segments[:, None, None, :])  # (B, 1, T, T) block-diagonal
         for block in self.layers:
             x = block(x, cos, sin, mask, input_pos, rows)
         if last_only:  # prefill needs the next-token logits only: skip T-1 rows of the (large) output matmul
             x = x[:, -1:]
+        elif select is not None:  # SFT trains the assistant's tokens only: the output matmul skips the others
+            x = x[select]  # (N, C)
         return self.lm_head(self.norm(x))
 
     def decode_step(self, idx: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:

@@ -30,8 +30,15 @@ PyTorch, exact to the bit (the oracle of the tests); where the C++ cannot be bui
 dequantize-then-matmul path with the same activation rounding. `kernel="oracle"` makes every
 quantized layer use the reference.
 
+Backward (QLoRA: LoRA adapters trained over a frozen quantized base): a QuantLinear is differentiable
+with respect to its input, never its weights. grad_x = grad_y W, in grad_y's dtype, with W dequantized
+a block of columns at a time into reused scratch (grad_input), so no float copy of the weights is kept
+or made whole; the forward's activation rounding counts as the identity (a straight-through estimate).
+
 References: llama.cpp `ggml-quants.c` (Q4_0 / Q4_1 / Q8_0 blocks, activations quantized to 8 bits);
-gpt-fast `quantize.py`; mlx-lm `utils.py` quantize_model.
+gpt-fast `quantize.py`; mlx-lm `utils.py` quantize_model; QLoRA (Dettmers et al., 2023, arXiv 2305.14314)
+and bitsandbytes `autograd/_functions.py` MatMul4Bit, whose backward is also grad_y W but dequantizes the
+whole matrix in grad_y's dtype for each call.
 """
 
 from __future__ import annotations
@@ -235,6 +242,65 @@ def quant_matmul_reference(x: torch.Tensor, layer: "QuantLinear") -> torch.Tenso
     return y[:, : layer.out_features]
 
 
+BACKWARD_BLOCK = 2**22  # weights grad_input dequantizes at a time: 16 MB of float32 scratch
+MIN_COLUMNS = 128       # but at least this many columns (fewer make the GEMM of a tall matrix inefficient)
+
+
+def grad_input(grad_y: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None,
+               group_size: int, bits: int, block: int | None = None) -> torch.Tensor:
+    """grad_y [M, N] @ W [N, K] in grad_y's dtype: the input gradient of y = x W^T, W in the tiled format
+    (the operands of torch.ops.phikit.qlinear; mins None: symmetric).
+
+    W is dequantized a block of columns at a time: all N rows, kb columns (about `block` weights, default
+    BACKWARD_BLOCK, and at least MIN_COLUMNS columns), in float32 exactly as QuantTensor.dequantize_all
+    does (q * scale + min is exact in float32), then rounded once to grad_y's dtype. One matmul per block
+    gives grad_x[:, k0:k1] whole: the sum over N is one GEMM's, as in grad_y @ layer.dequantize(dtype)
+    (float32 accumulation in bf16). Transient memory, reused by every block: per block weight 4 bytes of
+    float32 scratch, 1 of codes, 1 of temporaries and, for a grad_y not in float32, its copy (2 in bf16):
+    about 32 MB in bf16 (24 MB in float32) for every Phi-3-mini matrix, lm_head included, plus grad_x.
+    Known limitation: a matrix taller than BACKWARD_BLOCK / MIN_COLUMNS rows (32768) uses more, 8 bytes
+    x 128 columns per row: 205 MB in bf16 for Phi-4-mini's 200064-row lm_head (its whole dequantized
+    copy would be 1.2 GB).
+    """
+    T, K, g = qweight.shape[0], scales.shape[1] * group_size, group_size
+    N, Np = grad_y.shape[1], T * TILE  # output rows; rows with the tile padding
+    # kb columns per block: whole groups, or (a per-channel group wider than the block) a divisor of the group
+    cols = max(MIN_COLUMNS, (BACKWARD_BLOCK if block is None else block) // Np)
+    kb = min(K, cols // g * g if cols >= g else max(d for d in range(16, cols + 1, 16) if g % d == 0))
+    scratch = torch.empty(Np * kb, dtype=torch.float32, device=grad_y.device)
+    codes = torch.empty(Np * kb, dtype=qweight.dtype, device=grad_y.device)  # uint8 (4 bits) or int8
+    cast = None if grad_y.dtype == torch.float32 else torch.empty(Np * kb, dtype=grad_y.dtype, device=grad_y.device)
+    grad_x = torch.empty(grad_y.shape[0], K, dtype=grad_y.dtype, device=grad_y.device)
+    per = 2 * bits  # bytes of a tile per input column
+    for k0 in range(0, K, kb):
+        k1 = min(K, k0 + kb)
+        n = k1 - k0
+        # the tiled bytes as 32-bit words, so that reordering rows moves 4 bytes at a time
+        words, q = qweight[:, k0 * per:k1 * per].view(torch.int32), codes[: Np * n]
+        if bits == 4:  # word (t, o, c): row 16t + c, inputs 8o..8o+3 in its low nibbles, 8o+4..8o+7 in its high
+            words = words.view(T, n // 8, TILE).transpose(1, 2)
+            out = q.view(torch.int32).view(T, TILE, n // 8, 2)  # (t, c, o, half): a byte per code, row-major
+            out[..., 0] = words & 0x0F0F0F0F  # (assignments, not out= into strided views: torch.compile traces them)
+            out[..., 1] = (words >> 4) & 0x0F0F0F0F
+        else:  # word (t, j, c): row 16t + c, inputs 4j..4j+3
+            q.view(torch.int32).view(T, TILE, n // 4).copy_(words.view(T, n // 4, TILE).transpose(1, 2))
+        w = scratch[: Np * n].copy_(q)
+        first, last = k0 // g, (k1 - 1) // g + 1  # the groups the block covers (one if the group is wider)
+        scale = untile_groups(scales[:, first:last]).float()[..., None]  # [Np, groups, 1]
+        w3 = w.view(Np, last - first, -1)
+        if bits == 8:
+            w3.mul_(scale)
+        elif mins is None:
+            w3.sub_(8).mul_(scale)  # (q - 8) * scale: exact, so equal to q * scale + (-8 * scale)
+        else:
+            w3.mul_(scale).add_(untile_groups(mins[:, first:last]).float()[..., None])
+        wk = w.view(Np, n)
+        if cast is not None:
+            wk = cast[: Np * n].view(Np, n).copy_(wk)
+        grad_x[:, k0:k1] = grad_y @ wk[:N]
+    return grad_x
+
+
 def group_size_for(in_features: int, group_size: int) -> int | None:
     """The group size a matrix with in_features inputs gets: group_size, or the largest of 64/32/16 below
     it that divides in_features (None: no group size fits, the layer stays in float); group_size 0 means
@@ -289,7 +355,11 @@ class QuantTensor(nn.Module):
 
 
 class QuantLinear(QuantTensor):
-    """y = x W^T with W stored in 4 or 8 bits (see the module docstring for the format)."""
+    """y = x W^T with W stored in 4 or 8 bits (see the module docstring for the format).
+
+    Frozen but differentiable in x: with an input that requires grad (LoRA adapters trained in front of or
+    beside it), forward returns the same numbers through _QuantMatmul, whose backward is grad_input.
+    """
 
     def __init__(self, in_features: int, out_features: int, bits: int, group_size: int, symmetric: bool = True,
                  kernel: str = "auto"):
@@ -308,21 +378,50 @@ class QuantLinear(QuantTensor):
         return self.dequantize_all()[: self.out_features].to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)
+        if torch.is_grad_enabled() and x.requires_grad:  # training through the frozen layer (QLoRA)
+            y = _QuantMatmul.apply(x2, self.qweight, self.scales, self.mins, self)
+        else:  # inference: no autograd machinery at all
+            y = self._matmul(x2)
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def _matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """x [M, K] -> x W^T [M, N] in x's dtype, by this layer's kernel (no autograd formula: see forward)."""
         ext = kernels.load() if self.kernel == "auto" else None
         if self.kernel == "oracle":
-            y = quant_matmul_reference(x.reshape(-1, self.in_features), self)
+            y = quant_matmul_reference(x, self)
         elif ext is None:  # no C++ here: the same activation rounding, dequantized weights, float32 GEMM
-            x2 = quantize_activations_reference(x.reshape(-1, self.in_features), self.group_size)
-            y = F.linear(x2, self.dequantize(torch.float32))
+            y = F.linear(quantize_activations_reference(x, self.group_size), self.dequantize(torch.float32))
         else:  # one operator: quantize the activations, multiply, cast back to x's dtype (as the paths above)
-            y = torch.ops.phikit.qlinear(x.reshape(-1, self.in_features), self.qweight, self.scales, self.mins,
-                                         self.group_size, self.bits, self.out_features)
-        return y.to(x.dtype).reshape(*shape, self.out_features)
+            y = torch.ops.phikit.qlinear(x, self.qweight, self.scales, self.mins, self.group_size, self.bits,
+                                         self.out_features)
+        return y.to(x.dtype)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
                 f"group_size={self.group_size}, symmetric={self.symmetric}")
+
+
+class _QuantMatmul(torch.autograd.Function):
+    """y = layer._matmul(x), differentiable in x only: grad_x = grad_y W (grad_input), the weights frozen.
+
+    The saved tensors are the layer's own buffers (references, no copy) and nothing of x's size: the
+    backward needs no activation, since y is linear in x (the activation rounding passed straight through).
+    An autograd.Function rather than an autograd formula registered on torch.ops.phikit.qlinear: it covers
+    the oracle and no-compiler paths too, and inference never pays for it (forward calls it only when x
+    requires grad); torch.compile traces it whole.
+    """
+
+    @staticmethod
+    def forward(ctx, x, qweight, scales, mins, layer):
+        ctx.save_for_backward(qweight, scales, mins)
+        ctx.settings = (layer.group_size, layer.bits)
+        return layer._matmul(x)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        with torch.autocast(grad_y.device.type, enabled=False):  # grad_y's dtype, whatever autocast is on
+            return grad_input(grad_y, *ctx.saved_tensors, *ctx.settings), None, None, None, None
 
 
 class QuantEmbedding(QuantTensor):

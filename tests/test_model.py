@@ -6,7 +6,7 @@ from tiny import ORIG, TESTED_PRESETS, VOCAB, WINDOW, tiny_config, write_checkpo
 
 from phikit.checkpoint import load_model
 from phikit.generate import generate
-from phikit.model import Phi3
+from phikit.model import Phi3, attention
 
 
 @pytest.fixture(scope="module", params=TESTED_PRESETS)
@@ -206,3 +206,37 @@ def test_int8_cache_tracks_the_float_cache(pair):
         assert [list(col) for col in together] == [alone[0], alone[2]]
     finally:
         model.kv_cache_dtype = None
+
+
+# ---- training attention paths: is_causal, and float32 attention when a backward follows --------------
+@pytest.mark.parametrize("preset", TESTED_PRESETS)
+def test_causal_path_equals_the_mask(preset):
+    """No input_pos, no cache, no segments: SDPA's is_causal gives the logits of the explicit mask (positions 0..T-1)."""
+    model = Phi3(tiny_config(preset)).eval()
+    model.init_weights(seed=0)
+    T = min(24, model.cfg.sliding_window or 24)
+    ids = torch.randint(0, VOCAB, (2, T), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids), model(ids, input_pos=torch.arange(T)), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_attention_with_a_backward_matches_float64(dtype):
+    """The float32 training path (taken on the CPU when a backward follows) is at least as close to a float64
+    reference as bf16 SDPA, for the output and the gradients of q, k, v (GQA: 4 query heads per KV head)."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, h, 64, 32, generator=g, dtype=torch.float64) for h in (8, 2, 2))
+    dy = torch.randn(2, 8, 64, 32, generator=g, dtype=torch.float64)
+
+    def run(q, k, v, fn):
+        q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+        y = fn(q, k, v)
+        y.backward(dy.to(y.dtype))
+        return [t.double() for t in (y, q.grad, k.grad, v.grad)]
+    sdpa = lambda q, k, v: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    ref = run(q, k, v, sdpa)
+    low = [t.to(dtype) for t in (q, k, v)]
+    ours, plain = run(*low, lambda q, k, v: attention(q, k, v, None)), run(*low, sdpa)
+    for name, r, a, b in zip(("y", "dq", "dk", "dv"), ref, ours, plain):
+        err, err_plain = (a - r).abs().max().item(), (b - r).abs().max().item()
+        assert err <= err_plain * 1.01 + 1e-6, f"{name}: {err:.3e} vs SDPA {err_plain:.3e}"

@@ -1,5 +1,9 @@
 """`phikit serve`: an OpenAI-compatible HTTP server (chat and text completions, streaming, batching).
 
+`--adapter NAME=DIR` (repeatable) loads LoRA adapters unmerged: a request whose `model` is NAME uses
+that adapter, any other request the base model, and requests for different adapters are decoded in the
+same batch (engine.py). --compile is refused with --adapter: the per-row adapters run eagerly only.
+
 SIGTERM shuts down gracefully: uvicorn stops accepting connections and lets in-flight requests
 finish (up to GRACE_SECONDS, then cancels them), the engine stops, and the process exits 0.
 """
@@ -21,7 +25,9 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="phikit serve",
         description="Serve a model over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, "
-                    "/v1/models, /health) with streaming and continuous batching.")
+                    "/v1/models, /health) with streaming and continuous batching. With --adapter NAME=DIR "
+                    "(repeatable), a request whose model is NAME uses that LoRA adapter, the others the base; "
+                    "--compile cannot be combined with --adapter.")
     add_model_args(p)
     g = p.add_argument_group("server")
     g.add_argument("--host", default="127.0.0.1",
@@ -48,7 +54,19 @@ def main(argv: list[str] | None = None) -> int:
         sys.exit(f"phikit: serving needs FastAPI and uvicorn ({e.name} is missing): pip install 'phikit[serve]'")
     if args.max_batch < 1:
         sys.exit("phikit: --max-batch must be >= 1")
+    if args.compile and args.adapter:
+        sys.exit("phikit: --compile cannot be combined with --adapter: each batch row picks its adapter in "
+                 "eager code only; drop --compile, or merge the adapter (phikit lora merge) and compile that")
+    args.many_adapters = True  # several --adapter, chosen per request
     model, tokenizer = load_from(args)
+    model_id = args.model.rstrip("/").split("/")[-1] if os.path.exists(args.model) else args.model
+    adapters = list(getattr(args, "adapters", {}))
+    if model_id in adapters:
+        sys.exit(f"phikit: --adapter: the name {model_id!r} is the model's own id; give the adapter another NAME")
+    if adapters:  # requests name the adapter they want; the others get the base
+        from ..train.lora import set_active
+
+        set_active(model, None)
     max_context = args.max_context or min(model.cfg.max_seq_len, 4096)
     if not 2 <= max_context <= model.cfg.max_seq_len:
         sys.exit(f"phikit: --max-context must be in 2..{model.cfg.max_seq_len} (the model's context length)")
@@ -61,10 +79,15 @@ def main(argv: list[str] | None = None) -> int:
 
     engine = Engine(model, tokenizer, max_batch=args.max_batch, max_context=max_context,
                     decode_fn=decode_fn_from(args, model))
-    model_id = args.model.rstrip("/").split("/")[-1] if os.path.exists(args.model) else args.model
     app = create_app(engine, model_id, api_key=args.api_key)
+    named = f"; adapters {', '.join(adapters)}" if adapters else ""
     print(f"phikit: serving {model_id} on http://{args.host}:{args.port}/v1 (max batch {args.max_batch}, "
-          f"context {max_context})", file=sys.stderr, flush=True)
+          f"context {max_context}{named})", file=sys.stderr, flush=True)
+    # anyio (4.16) imports its asyncio backend lazily, on the first streaming response; when that first use
+    # came from many concurrent requests it once failed with "No module named 'anyio.streams'" (a 500 in the
+    # 64-client load test). Loading the backend here, before any request, takes that race away.
+    import anyio
+    anyio.run(anyio.sleep, 0)
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port,
                                            timeout_graceful_shutdown=GRACE_SECONDS, log_level="warning"))
     # uvicorn re-raises the signal that stopped it once it has shut down; a handler that ignores it

@@ -37,7 +37,6 @@ References: nanoGPT `train.py`; torchtune `recipes/full_finetune_distributed.py`
 from __future__ import annotations
 
 import argparse
-import contextlib
 import importlib.util
 import json
 import math
@@ -59,6 +58,8 @@ from ..train.distributed import grad_sync, mean_across, setup_distributed, wrap
 from ..train.data import MixtureData
 from ..train.losses import cross_entropy
 from ..train.optim import SCHEDULES, lr_at, make_optimizer
+from ..train.run_files import RunFileError, restart_metrics
+from ..train.run_files import read_config as read_config_file
 
 DEFAULTS = {
     "seed": 0, "model": {}, "tokenizer": None, "phases": [],
@@ -88,29 +89,9 @@ def fail(msg: str):
 def read_config(path: Path) -> dict:
     """The config file merged over DEFAULTS, paths made absolute; unknown keys and bad values are errors."""
     try:
-        text = path.read_text()
-        if path.suffix == ".json":
-            raw = json.loads(text)
-        elif importlib.util.find_spec("yaml") is None:
-            fail(f"{path}: YAML configs need pyyaml: pip install 'phikit[train]' (or write the config as .json)")
-        else:
-            import yaml
-            raw = yaml.safe_load(text)
-    except (OSError, ValueError) as e:  # yaml.YAMLError and JSONDecodeError are ValueErrors
-        fail(f"cannot read config {path}: {e}")
-    if not isinstance(raw, dict):
-        fail(f"{path}: expected a mapping of sections (seed, model, tokenizer, data, phases, optim, train)")
-    cfg = {k: (dict(v) if isinstance(v, dict) else v) for k, v in DEFAULTS.items()}
-    for key, value in raw.items():
-        if key not in DEFAULTS:
-            fail(f"{path}: unknown key {key!r} (known: {', '.join(DEFAULTS)})")
-        if isinstance(DEFAULTS[key], dict) and key != "model":
-            unknown = set(value) - set(DEFAULTS[key])
-            if unknown:
-                fail(f"{path}: unknown key {key}.{sorted(unknown)[0]} (known: {', '.join(DEFAULTS[key])})")
-            cfg[key].update(value)
-        else:
-            cfg[key] = value
+        cfg = read_config_file(path, DEFAULTS, free_sections=("model",))
+    except RunFileError as e:
+        fail(str(e))
     here = path.resolve().parent
     sources = cfg["data"]["sources"] = {n: str(here / d) for n, d in cfg["data"]["sources"].items()}
     if cfg["tokenizer"]:
@@ -225,14 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     records = []
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
-        if start:  # keep the records up to the checkpoint; later ones are recomputed, identically
-            for line in metrics_path.read_text().splitlines() if metrics_path.exists() else []:
-                with contextlib.suppress(json.JSONDecodeError):  # a line cut short by a kill
-                    if (r := json.loads(line))["step"] <= start:
-                        records.append(r)
-        tmp = metrics_path.with_suffix(".tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
-        os.replace(tmp, metrics_path)
+        records = restart_metrics(metrics_path, start)  # the records up to the checkpoint; later ones are redone
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=t["precision"] == "bf16")
     n_micro = B // (mb * world)
 

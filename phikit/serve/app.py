@@ -15,7 +15,8 @@ Choices where the servers differ, and ours:
   (n > 1, logprobs, logit_bias, tools, echo, suffix, a JSON response_format) are a 400.
 - A streamed response's last chunk (the one with finish_reason) carries usage (llama-server);
   with stream_options.include_usage an OpenAI-style usage chunk with no choices follows.
-- The `model` field of a request is not checked: there is one model (llama-server).
+- The `model` field of a request picks a LoRA adapter when it names one (vLLM); any other value, or
+  none, means the model itself (not checked: llama-server). /v1/models lists the model, then the adapters.
 
 References: OpenAI API reference (chat/completions, completions, error codes); vLLM
 `entrypoints/openai/protocol.py` and `serving_chat.py`; llama.cpp `tools/server/server.cpp`;
@@ -279,8 +280,9 @@ def create_app(engine: Engine, model_id: str, api_key: str | None = None,
 
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{"id": model_id, "object": "model", "created": created,
-                                            "owned_by": "phikit", "max_model_len": engine.max_context}]}
+        card = {"object": "model", "created": created, "owned_by": "phikit", "max_model_len": engine.max_context}
+        return {"object": "list", "data": [{"id": model_id, **card}] +
+                [{"id": name, **card, "parent": model_id} for name in engine.adapters]}
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatRequest, request: HTTPRequest):
@@ -311,17 +313,18 @@ def create_app(engine: Engine, model_id: str, api_key: str | None = None,
             return error(400, f"this model's maximum context length is {engine.max_context} tokens, but the "
                               f"prompt has {len(ids)} tokens", param, code="context_length_exceeded")
         loop, queue = asyncio.get_running_loop(), asyncio.Queue()
+        adapter = body.model if body.model in engine.adapters else None
         req = Request(prompt=ids, max_tokens=min(max_tokens or left, left), sampling=body.sampling(),
                       stop_ids=frozenset() if body.ignore_eos else chat_stop_ids, stop_strings=tuple(s for s in body.stop or () if s),
                       presence_penalty=body.presence_penalty or 0.0, frequency_penalty=body.frequency_penalty or 0.0,
-                      emit=lambda event: loop.call_soon_threadsafe(queue.put_nowait, event))
+                      adapter=adapter, emit=lambda event: loop.call_soon_threadsafe(queue.put_nowait, event))
         try:
             engine.submit(req)
         except EngineClosed as e:
             return error(503, str(e), type_="server_error", code="shutting_down")
         kind = "chat.completion" if chat else "text_completion"
         meta = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", "created": int(time.time()),
-                "model": model_id}
+                "model": adapter or model_id}
         events = _events(engine, req, queue)
         if body.stream:
             include_usage = bool((body.stream_options or {}).get("include_usage"))

@@ -15,6 +15,13 @@ iteration of the engine thread:
    little (the step reads every weight once for the whole batch) and is overwritten by the next
    prefill into that row.
 
+LoRA adapters: a request names one of the model's adapters (`Request.adapter`), or None for the model as
+loaded (its active adapter, normally none: the base). Requests with different adapters share the batch:
+before each forward, `set_row_adapters` gives every row its request's adapter (a prefill's batch is its one
+row), and afterwards the model goes back to its active adapter. A model without LoRA layers skips this.
+The per-row selection indexes the batch in Python, so `decode_fn` must be eager (generate.decode_one)
+when the model has adapters; `phikit serve` refuses --compile with --adapter.
+
 Each row keeps its own position and its own LongRoPE factor choice: a sequence that grows past
 `original_max_seq_len` is run again from position 0 with the long factors, exactly as
 `phikit.generate` does (see model.py `_check_cache_rope`). Greedy output is therefore the same
@@ -34,6 +41,7 @@ References: vLLM `v1/core/sched/scheduler.py` (continuous batching), llama.cpp `
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import random
 import threading
@@ -45,6 +53,7 @@ import torch
 from ..generate import Sampling, _find_stop, _partial_stop_len, apply_repetition_penalty, decode_one, prefill, sample
 from ..model import Phi3
 from ..tokenizer import Tokenizer
+from ..train.lora import adapter_names, lora_layers, set_row_adapters
 
 log = logging.getLogger("phikit.serve")
 
@@ -70,6 +79,7 @@ class Request:
     stop_strings: tuple[str, ...] = ()
     presence_penalty: float = 0.0   # OpenAI semantics: over the generated tokens (as vLLM)
     frequency_penalty: float = 0.0
+    adapter: str | None = None      # a LoRA adapter of the model (Engine.adapters); None: the model as loaded
     cancelled: bool = False         # set by Engine.cancel from any thread; read once per step
 
 
@@ -145,7 +155,7 @@ class Engine:
         if max_batch < 1 or max_context < 2:
             raise ValueError("max_batch must be >= 1 and max_context >= 2")
         self.model, self.tokenizer = model, tokenizer
-        self.decode_fn = decode_fn  # generate.decode_one or its compiled form (generate.compile_decode)
+        self.decode_fn = decode_fn  # generate.decode_one, or compile_decode's step for a model without LoRA
         self.max_batch, self.max_context = max_batch, max_context
         self.device = model.norm.weight.device  # norms are never quantized
         self.vocab = model.cfg.vocab_size
@@ -156,6 +166,11 @@ class Engine:
         self._closed = False
         self._stop_now = False
         self.steps = 0  # decode steps run, for tests and stats
+        layers = [layer for _, layer in lora_layers(model)]
+        self._lora = bool(layers)
+        self.default_adapter = layers[0].active if layers else None  # what a request without an adapter gets
+        # the adapters a request may name (the default one is the model itself)
+        self.adapters = [n for n in adapter_names(model) if n != self.default_adapter]
         self._thread = threading.Thread(target=self._run, name="phikit-engine", daemon=True)
         self._thread.start()
 
@@ -167,6 +182,8 @@ class Engine:
             raise ValueError(f"a prompt needs 1 to {self.max_context - 1} tokens, got {len(req.prompt)}")
         if req.max_tokens < 1 or len(req.prompt) + req.max_tokens > self.max_context:
             raise ValueError(f"max_tokens must be in 1..{self.max_context - len(req.prompt)}")
+        if req.adapter is not None and req.adapter not in self.adapters:
+            raise ValueError(f"no adapter named {req.adapter!r} (this model has: {', '.join(self.adapters) or 'none'})")
         with self._cond:
             if self._closed:
                 raise EngineClosed("the server is shutting down")
@@ -263,7 +280,7 @@ class Engine:
             i = free[0]
             try:
                 slot = _Slot(req, self.tokenizer, self.vocab, self.device)
-                self.logits[i] = prefill(self.model, torch.tensor(slot.history, device=self.device), i).float()
+                self.logits[i] = self._prefill(i, slot)
             except Exception as e:  # this request alone fails (e.g. a token id the model does not have)
                 log.exception("prefill failed")
                 self._emit(req, Event(finish_reason="error", error=f"{type(e).__name__}: {e}",
@@ -281,12 +298,30 @@ class Engine:
                 tokens[i], pos[i] = slot.history[-1], len(slot.history) - 1
         tokens, pos = tokens.to(self.device), pos.to(self.device)
         crossing = self.model.rope.use_long(pos[:, None]) != self.model.cache_rope_long[:k]
-        fresh = {i: prefill(self.model, torch.tensor(self.slots[i].history, device=self.device), i).float()
+        fresh = {i: self._prefill(i, self.slots[i])
                  for i in torch.nonzero(crossing).flatten().tolist() if self.slots[i] is not None}
-        self.logits[:k] = self.decode_fn(self.model, tokens, pos).float()  # rows 0..k-1 of the cache
+        with self._row_adapters([slot.req.adapter if slot is not None else None for slot in self.slots[:k]]):
+            self.logits[:k] = self.decode_fn(self.model, tokens, pos).float()  # rows 0..k-1 of the cache
         for i, row_logits in fresh.items():
             self.logits[i] = row_logits
         self.steps += 1
+
+    def _prefill(self, i: int, slot: _Slot) -> torch.Tensor:
+        """Run the slot's tokens so far into cache row i, with its adapter; the logits (V,) of the last one."""
+        with self._row_adapters([slot.req.adapter]):
+            return prefill(self.model, torch.tensor(slot.history, device=self.device), i).float()
+
+    @contextlib.contextmanager
+    def _row_adapters(self, names: list[str | None]):
+        """Row j of the forwards within uses the adapter of names[j] (None: the default adapter)."""
+        if not self._lora:
+            yield
+            return
+        set_row_adapters(self.model, [self.default_adapter if n is None else n for n in names])
+        try:
+            yield
+        finally:
+            set_row_adapters(self.model, None)
 
     def _finish(self, i: int, event: Event) -> None:
         slot, self.slots[i] = self.slots[i], None

