@@ -266,7 +266,8 @@ def main(argv: list[str] | None = None) -> int:
         plot(records, boundaries, out / "loss.png")
         print(f"phikit pretrain: {total} steps, final loss {records[-1]['loss']:.4f}; model in {out / 'final'}",
               file=sys.stderr)
-    if world > 1:
+    if world > 1:  # wait for rank 0's final save: a rank that tore down its process group earlier has been
+        dist.barrier()  # aborted at exit ("terminate called without an active exception", gloo)
         dist.destroy_process_group()
     return 0
 

@@ -334,7 +334,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"phikit sft: {total} steps, final loss {last['loss']:.4f}"
               + (f", validation {last['val_loss']:.4f}" if "val_loss" in last else "") + f"; model in {out / 'final'}",
               file=sys.stderr)
-    if world > 1:
+    if world > 1:  # wait for rank 0's final save: a rank that tore down its process group earlier has been
+        dist.barrier()  # aborted at exit ("terminate called without an active exception", gloo)
         dist.destroy_process_group()
     return 0
 
