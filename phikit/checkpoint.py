@@ -17,6 +17,7 @@ References: gpt-fast `generate.py::_load_model`; safetensors docs (`safe_open`);
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -247,7 +248,6 @@ def save(model: Phi3, out_dir: str | os.PathLike, tokenizer=None, max_shard_byte
     are written by `tokenizer.save` (a phikit Tokenizer) when one is given.
     """
     out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
     cfg = model.cfg
     tensors = {}
     for name, t in model.state_dict().items():
@@ -266,8 +266,7 @@ def save(model: Phi3, out_dir: str | os.PathLike, tokenizer=None, max_shard_byte
             size = 0
         shards[-1][name] = t
         size += nbytes
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with replaced_dir(out) as tmp:
         hf = cfg.to_hf()
         hf["torch_dtype"] = str(model.norm.weight.dtype).removeprefix("torch.")  # norms are never quantized
         (tmp / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
@@ -284,10 +283,20 @@ def save(model: Phi3, out_dir: str | os.PathLike, tokenizer=None, max_shard_byte
                                                      indent=2) + "\n")
         if tokenizer is not None:
             tokenizer.save(tmp)
+    return out
+
+
+@contextlib.contextmanager
+def replaced_dir(out: Path):
+    """Yield a fresh temporary directory next to out; when the block completes it replaces out (an earlier
+    out is removed only then), and when it fails it is removed: an interrupted write leaves out as it was."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        yield tmp
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return out

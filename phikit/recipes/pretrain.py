@@ -40,7 +40,6 @@ import argparse
 import importlib.util
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -58,7 +57,7 @@ from ..train.distributed import grad_sync, mean_across, setup_distributed, wrap
 from ..train.data import MixtureData
 from ..train.losses import cross_entropy
 from ..train.optim import SCHEDULES, lr_at, make_optimizer
-from ..train.run_files import RunFileError, restart_metrics
+from ..train.run_files import RunFileError, plot_losses, restart_metrics
 from ..train.run_files import read_config as read_config_file
 
 DEFAULTS = {
@@ -120,25 +119,9 @@ def read_config(path: Path) -> dict:
 
 def plot(records: list[dict], boundaries: list[tuple[int, str]], path: Path) -> None:
     """Training loss and per-source validation loss against tokens, phase boundaries marked; atomic write."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    ax.plot([r["tokens"] for r in records], [r["loss"] for r in records], lw=1, label="train")
-    for src in sorted({s for r in records for s in r.get("val", {})}):
-        pts = [(r["tokens"], r["val"][src]) for r in records if src in r.get("val", {})]
-        ax.plot(*zip(*pts), marker="o", ms=3, lw=1, label=f"val {src}")
-    for tokens, name in boundaries:
-        ax.axvline(tokens, color="grey", ls="--", lw=0.8)
-        ax.text(tokens, ax.get_ylim()[1], f" {name}", va="top", fontsize=8, color="grey")
-    ax.set(xlabel="tokens", ylabel="loss (nats/token)", title=path.parent.name)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
+    sources = sorted({s for r in records for s in r.get("val", {})})
+    val = {f"val {src}": [(r["tokens"], r["val"][src]) for r in records if src in r.get("val", {})] for src in sources}
+    plot_losses(records, path, x="tokens", val=val, marks=boundaries)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -38,7 +38,6 @@ import math
 import os
 import re
 import shutil
-import tempfile
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +46,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from ..checkpoint import replaced_dir
 from ..config import Config
 from ..tokenizer import SIDE_FILES
 from .lora import FUSED, LINEAR_TYPES, PARTS, LoRALinear, adapter_names, lora_layers, set_active
@@ -387,9 +387,7 @@ def _write(entries: dict[str, _Lora], out_dir: str | os.PathLike, base_model: st
         key = PEFT_PREFIX + _hf_module(n)
         tensors[key + ".lora_A.weight"] = e.A.detach().contiguous().clone()  # clone: split parts share one A
         tensors[key + ".lora_B.weight"] = e.B.detach().contiguous().clone()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with replaced_dir(out) as tmp:
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         if tokenizer is not None:
@@ -398,12 +396,6 @@ def _write(entries: dict[str, _Lora], out_dir: str | os.PathLike, base_model: st
             for f in SIDE_FILES:
                 if (side_files_from / f).exists():
                     shutil.copy2(side_files_from / f, tmp / f)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

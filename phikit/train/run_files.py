@@ -67,18 +67,21 @@ def restart_metrics(path: Path, upto_step: int) -> list[dict]:
     return records
 
 
-def plot_losses(records: list[dict], path: Path, x: str = "step", val_key: str = "val_loss",
+def plot_losses(records: list[dict], path: Path, x: str = "step", val: dict[str, list[tuple]] | None = None,
                 marks: list[tuple[float, str]] = ()) -> None:
-    """Training loss and validation loss against x, vertical marks at (x, label); atomic write."""
+    """Training loss against x, each validation series {label: [(x, loss), ...]} (default: the records'
+    val_loss as "validation"), vertical marks at (x, label); atomic write."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    if val is None:
+        val = {"validation": [(r[x], r["val_loss"]) for r in records if r.get("val_loss") is not None]}
     fig, ax = plt.subplots(figsize=(8, 4.5))
     ax.plot([r[x] for r in records], [r["loss"] for r in records], lw=1, label="train")
-    pts = [(r[x], r[val_key]) for r in records if r.get(val_key) is not None]
-    if pts:
-        ax.plot(*zip(*pts), marker="o", ms=3, lw=1, label="validation")
+    for label, pts in val.items():
+        if pts:
+            ax.plot(*zip(*pts), marker="o", ms=3, lw=1, label=label)
     for pos, name in marks:
         ax.axvline(pos, color="grey", ls="--", lw=0.8)
         ax.text(pos, ax.get_ylim()[1], f" {name}", va="top", fontsize=8, color="grey")
