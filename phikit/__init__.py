@@ -24,8 +24,9 @@ __version__ = "0.1.0"
 def load(path_or_id: str | os.PathLike, dtype=None, revision: str | None = None) -> tuple[Phi3, Tokenizer | None]:
     """(model, tokenizer) from a checkpoint directory, a hub id, a .gguf file or a LoRA adapter directory.
 
-    The tokenizer is None if a checkpoint directory has no tokenizer.json. GGUF weights are
-    dequantized to dtype (default float32). An adapter directory (PEFT's adapter_config.json and
+    The tokenizer is None if a checkpoint directory has no tokenizer.json. A GGUF file keeps its Q4_0,
+    Q4_1 and Q8_0 matrices quantized and the rest in float32, or with a dtype is all dequantized to it
+    (gguf_io.load_gguf). An adapter directory (PEFT's adapter_config.json and
     adapter_model.safetensors, e.g. what `phikit sft` writes after a LoRA run) loads the base it names
     (`base_model_name_or_path`) and applies the adapter unmerged; its own tokenizer, if it has one,
     replaces the base's (`train/adapters.py` loads adapters onto a loaded model).

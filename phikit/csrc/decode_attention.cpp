@@ -81,11 +81,13 @@ PHIKIT_TARGET inline __m512 load16(const c10::BFloat16* p) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
 
+PHIKIT_TARGET inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+
 PHIKIT_TARGET inline __m512 load16(const int8_t* p) {
   return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
 }
 
-// bf16 or int8 cache, D a multiple of 16: the same computation with 16-wide float32 vectors
+// float32, bf16 or int8 cache, D a multiple of 16: the same computation with 16-wide float32 vectors
 template <typename T>
 PHIKIT_TARGET void attend_row_avx512(const float* q, const T* k, const T* v, int64_t ks, int64_t vs, const float* ksc,
                                      const float* vsc, const bool* mask, int64_t S, int64_t D, int G, float scale,
@@ -166,7 +168,7 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v
         const float* qb = qp + (b * H + h * G) * D;
         float* ob = op + (b * H + h * G) * D;
 #ifdef PHIKIT_X86
-        if constexpr (std::is_same_v<T, c10::BFloat16> || std::is_same_v<T, int8_t>) {
+        if constexpr (std::is_same_v<T, float> || std::is_same_v<T, c10::BFloat16> || std::is_same_v<T, int8_t>) {
           if (has_avx512() && D % 16 == 0) {
             attend_row_avx512<T>(qb, kb, vb, k.stride(2), v.stride(2), ksc, vsc, mp + b * S, Sb, D, G, sc, ob,
                                  scores.data());

@@ -364,7 +364,10 @@ TORCH_LIBRARY_IMPL(phikit, CPU, m) {
   m.impl("bf16_linear", &bf16_linear);
 }
 
+void register_decoder(pybind11::module& m);  // decode_step.cpp
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  register_decoder(m);
   m.def("quantize_activations", &quantize_activations, "x float32 [M,K] -> int8 codes, block scales, block code sums");
   m.def("quant_matmul", &quant_matmul, "4- or 8-bit weights x 8-bit activations -> float32 [M, N padded to 16]");
   m.def("vnni_available", &vnni_available, "whether this CPU runs the AVX512-VNNI kernels");
