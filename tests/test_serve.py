@@ -15,6 +15,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+import torch
 
 pytest.importorskip("fastapi")
 openai = pytest.importorskip("openai")
@@ -27,6 +28,7 @@ from phikit.chat_format import encode_chat, stop_ids  # noqa: E402
 from phikit.generate import Sampling, stream_text  # noqa: E402
 from phikit.serve import Engine, Request  # noqa: E402
 from phikit.serve.app import create_app  # noqa: E402
+from phikit.speculate import DraftModel, PromptLookup  # noqa: E402
 
 KEY = "sk-test-key"
 MAX_CONTEXT = 256
@@ -54,7 +56,14 @@ def served(tmp_path_factory):
     build("phi-3.5-mini-instruct", path)
     model, tok = phikit.load(path)
     ref_model, _ = phikit.load(path)  # the reference loop gets its own copy: the engine owns `model`
-    engine = Engine(model, tok, max_batch=8, max_context=MAX_CONTEXT)
+    draft, _ = phikit.load(path)  # a draft that agrees often, not always: the model plus noise
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in draft.parameters():
+            if p.dim() > 1:
+                p.add_(torch.randn(p.shape, generator=gen) * 0.05)
+    drafters = {"prompt-lookup": PromptLookup(), "draft-model": DraftModel(draft)}
+    engine = Engine(model, tok, max_batch=8, max_context=MAX_CONTEXT, drafters=drafters)
     server, thread, port = start(create_app(engine, "tiny-phi", api_key=KEY, max_body_bytes=MAX_BODY))
     client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=KEY, max_retries=0, timeout=60)
     yield dict(engine=engine, tok=tok, ref=ref_model, port=port, client=client)
@@ -187,6 +196,51 @@ def test_batching_changes_nothing(served):
     assert together == alone
     assert [n for _, n in alone] == lengths
     assert engine.steps - steps < steps_alone / 2  # they really shared decode steps
+
+
+def test_speculating_requests_among_plain_ones(served):
+    """Requests with "speculate" (prompt lookup, the draft model) decode among plain ones, concurrently: each
+    gets its plain greedy text (the reference loop without speculation), streamed or not."""
+    client, engine, tok = served["client"], served["engine"], served["tok"]
+    prompts = ["The quick brown fox jumps over the lazy dog. The quick brown", "Hi", "def add(a, b):",
+               "Hello, world! Hello, world! Hello,", "tea", "What is the capital of France?"]
+    modes = ["prompt-lookup", None, "draft-model", "draft-model", "none", "prompt-lookup"]
+    lengths = [40, 25, 33, 18, 30, 12]
+    drafter = engine.drafters["draft-model"]
+    before = drafter.accepted, drafter.drafted
+
+    def one(i):
+        extra = {} if modes[i] is None else {"speculate": modes[i]}
+        if i % 2:
+            chunks = client.completions.create(model="m", prompt=prompts[i], max_tokens=lengths[i], temperature=0,
+                                               stream=True, extra_body=extra)
+            return "".join(c.choices[0].text for c in chunks)
+        return client.completions.create(model="m", prompt=prompts[i], max_tokens=lengths[i], temperature=0,
+                                         extra_body=extra).choices[0].text
+
+    with ThreadPoolExecutor(6) as pool:
+        got = list(pool.map(one, range(6)))
+    for i in range(6):
+        assert got[i] == reference(served, tok.encode(prompts[i], add_special_tokens=True), lengths[i])[0], i
+    accepted, drafted = drafter.accepted - before[0], drafter.drafted - before[1]
+    assert 0 < accepted < drafted  # the draft model drafted, and was both right and wrong
+
+
+def test_special_tokens_hidden_unless_asked(served):
+    """The tiny model's greedy completion of this prompt holds a special token that is not a stop id
+    (<|placeholder6|>): its text is hidden by default and shown with "show_special": true."""
+    client, tok = served["client"], served["tok"]
+    ids = tok.encode("The quick brown fox", add_special_tokens=True)
+    greedy = [t for (t,) in phikit.generate(served["ref"], [ids], 12)]
+    specials = {i for i, t in tok.backend.get_added_tokens_decoder().items() if t.special}
+    assert specials & set(greedy) and not set(greedy) & stop_ids(tok)
+    for show in (None, False, True):
+        extra = {} if show is None else {"show_special": show}
+        r = client.completions.create(model="m", prompt="The quick brown fox", max_tokens=12, temperature=0,
+                                      extra_body=extra)
+        assert r.choices[0].text == tok.decode(greedy, skip_special_tokens=not show)
+    code, payload = raw(served["port"], "POST", "/v1/completions", {"prompt": "Hi", "speculate": "beam"})
+    assert code == 400 and payload["error"]["param"] == "speculate"
 
 
 def test_seeded_sampling_is_reproducible(served):

@@ -10,7 +10,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..cli import add_model_args, add_sampling_args, context_problem, decode_fn_from, load_from, sampling_from
+from ..cli import (add_model_args, add_sampling_args, add_speculate_args, context_problem, decode_fn_from, drafter_from,
+                   load_from, sampling_from)
 
 HELP = "commands: /reset clears the conversation, /exit quits (Ctrl-D too)"
 
@@ -20,6 +21,7 @@ def parser() -> argparse.ArgumentParser:
     add_model_args(p)
     p.add_argument("--system", default=None, help="system message that opens the conversation (default: none)")
     add_sampling_args(p, temperature=0.0)
+    add_speculate_args(p)
     return p
 
 
@@ -27,6 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     sampling = sampling_from(args)
     model, tokenizer = load_from(args)
+    drafter = drafter_from(args, model, tokenizer)
 
     from ..chat_format import encode_chat, stop_ids
     from ..generate import stream_text
@@ -62,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         reply = []
         for piece in stream_text(model, tokenizer, ids, args.max_new_tokens, sampling, stops, args.stop,
-                                 decode_fn=decode):
+                                 decode_fn=decode, speculate=drafter, show_special=args.show_special):
             reply.append(piece)
             sys.stdout.write(piece)
             sys.stdout.flush()

@@ -6,7 +6,8 @@ import argparse
 import sys
 import time
 
-from ..cli import add_model_args, add_sampling_args, context_problem, decode_fn_from, load_from, sampling_from
+from ..cli import (add_model_args, add_sampling_args, add_speculate_args, context_problem, decode_fn_from, drafter_from,
+                   load_from, sampling_from)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -19,7 +20,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template (default: raw completion)")
     p.add_argument("--system", default=None, help="system message, with --chat (default: none)")
     add_sampling_args(p)
-    p.add_argument("--verbose", action="store_true", help="print token counts and speed on stderr (default: off)")
+    add_speculate_args(p)
+    p.add_argument("--verbose", action="store_true",
+                   help="print token counts, speed and the drafts' acceptance rate on stderr (default: off)")
     return p
 
 
@@ -29,6 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     t0 = time.perf_counter()
     model, tokenizer = load_from(args)
+    drafter = drafter_from(args, model, tokenizer)
     t_load = time.perf_counter() - t0
 
     from ..chat_format import encode_chat, stop_ids
@@ -49,7 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     first = None
     for piece in stream_text(model, tokenizer, ids, args.max_new_tokens, sampling, stop_ids(tokenizer),
-                             args.stop, stats=stats, decode_fn=decode_fn_from(args, model)):
+                             args.stop, stats=stats, decode_fn=decode_fn_from(args, model), speculate=drafter,
+                             show_special=args.show_special):
         first = first or time.perf_counter()
         sys.stdout.write(piece)
         sys.stdout.flush()
@@ -60,6 +65,8 @@ def main(argv: list[str] | None = None) -> int:
         n = stats.get("completion_tokens", 0)
         print(f"[phikit] load {t_load:.2f}s | prompt {len(ids)} tokens | {n} new tokens in {dt:.2f}s "
               f"({n / dt:.1f} tok/s incl. prefill) | finish: {stats.get('finish_reason')}", file=sys.stderr)
+        if drafter is not None:
+            print(f"[phikit] {drafter.summary()}", file=sys.stderr)
     return 0
 
 

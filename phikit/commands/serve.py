@@ -1,5 +1,9 @@
 """`phikit serve`: an OpenAI-compatible HTTP server (chat and text completions, streaming, batching).
 
+`--speculate prompt-lookup` and `--draft-model M` set up speculative decoding: the server's default, which a
+request's `speculate` field ("prompt-lookup", "draft-model" or "none") overrides; `--show-special` likewise
+for a request's `show_special` (see app.py).
+
 `--adapter NAME=DIR` (repeatable) loads LoRA adapters unmerged: a request whose `model` is NAME uses
 that adapter, any other request the base model, and requests for different adapters are decoded in the
 same batch (engine.py). --compile is refused with --adapter: the per-row adapters run eagerly only.
@@ -16,7 +20,7 @@ import os
 import signal
 import sys
 
-from ..cli import add_model_args, decode_fn_from, load_from
+from ..cli import add_model_args, add_speculate_args, decode_fn_from, drafters_from, load_from
 
 GRACE_SECONDS = 30  # how long in-flight requests may run on after SIGTERM
 
@@ -27,8 +31,11 @@ def parser() -> argparse.ArgumentParser:
         description="Serve a model over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, "
                     "/v1/models, /health) with streaming and continuous batching. With --adapter NAME=DIR "
                     "(repeatable), a request whose model is NAME uses that LoRA adapter, the others the base; "
-                    "--compile cannot be combined with --adapter.")
+                    "--compile cannot be combined with --adapter. phikit extensions of the request body: "
+                    "\"speculate\": \"prompt-lookup\" | \"draft-model\" | \"none\" (speculative decoding for "
+                    "that request; default --speculate) and \"show_special\": true | false (default --show-special).")
     add_model_args(p)
+    add_speculate_args(p, server=True)
     g = p.add_argument_group("server")
     g.add_argument("--host", default="127.0.0.1",
                    help="address to bind; 0.0.0.0 exposes the server to the network (default: 127.0.0.1)")
@@ -59,6 +66,9 @@ def main(argv: list[str] | None = None) -> int:
                  "eager code only; drop --compile, or merge the adapter (phikit lora merge) and compile that")
     args.many_adapters = True  # several --adapter, chosen per request
     model, tokenizer = load_from(args)
+    drafters = drafters_from(args, model, tokenizer, lookup=True)  # any request may ask for prompt lookup
+    speculate = args.speculate or ("draft-model" if args.draft_model else "none")  # the requests' default
+    speculate = None if speculate == "none" else speculate
     model_id = args.model.rstrip("/").split("/")[-1] if os.path.exists(args.model) else args.model
     adapters = list(getattr(args, "adapters", {}))
     if model_id in adapters:
@@ -78,9 +88,10 @@ def main(argv: list[str] | None = None) -> int:
     from ..serve import Engine
 
     engine = Engine(model, tokenizer, max_batch=args.max_batch, max_context=max_context,
-                    decode_fn=decode_fn_from(args, model))
-    app = create_app(engine, model_id, api_key=args.api_key)
+                    decode_fn=decode_fn_from(args, model), drafters=drafters)
+    app = create_app(engine, model_id, api_key=args.api_key, speculate=speculate, show_special=args.show_special)
     named = f"; adapters {', '.join(adapters)}" if adapters else ""
+    named += f"; speculate {speculate} by default" if speculate else ""
     print(f"phikit: serving {model_id} on http://{args.host}:{args.port}/v1 (max batch {args.max_batch}, "
           f"context {max_context}{named})", file=sys.stderr, flush=True)
     # anyio (4.16) imports its asyncio backend lazily, on the first streaming response; when that first use

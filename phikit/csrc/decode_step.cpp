@@ -175,15 +175,18 @@ class Decoder {
                 "Decoder.step: one token per row");
     const int64_t last = pos.max().item<int64_t>();
     TORCH_CHECK(pos.min().item<int64_t>() >= 0, "Decoder.step: negative position");
-    for (size_t i = 0; i < caches.size(); i += 4) {  // the raw writes below stay inside every cache
+    // the raw writes below stay inside every cache; a cache is its rows, contiguous, or one row shared by every
+    // row of the step (stride 0: speculate.py verifies k drafted tokens as k + 1 rows of one sequence)
+    auto rows_ok = [](const torch::Tensor& t) { return t.is_contiguous() || (t.stride(0) == 0 && t[0].is_contiguous()); };
+    for (size_t i = 0; i < caches.size(); i += 4) {
       const auto &kc = caches[i], &vc = caches[i + 1];
       TORCH_CHECK(kc.dim() == 4 && kc.sizes() == vc.sizes() && kc.size(0) >= B && kc.size(1) == Hkv_ &&
-                      kc.size(2) >= S && kc.size(2) > last && kc.size(3) == D_ &&
-                      kc.is_contiguous() && vc.is_contiguous() && kc.scalar_type() == vc.scalar_type(),
+                      kc.size(2) >= S && kc.size(2) > last && kc.size(3) == D_ && rows_ok(kc) && rows_ok(vc) &&
+                      kc.scalar_type() == vc.scalar_type(),
                   "Decoder.step: cache ", i / 4, " does not fit this step");
       if (kc.scalar_type() == at::kChar)
-        TORCH_CHECK(caches[i + 2].numel() == kc.numel() / D_ && caches[i + 3].numel() == kc.numel() / D_ &&
-                        caches[i + 2].is_contiguous() && caches[i + 3].is_contiguous(),
+        TORCH_CHECK(caches[i + 2].dim() == 3 && caches[i + 3].dim() == 3 && caches[i + 2].sizes() == kc.sizes().slice(0, 3) &&
+                        caches[i + 3].sizes() == kc.sizes().slice(0, 3) && rows_ok(caches[i + 2]) && rows_ok(caches[i + 3]),
                     "Decoder.step: int8 cache ", i / 4, " needs its scales");
     }
     const auto ct = caches[0].scalar_type();

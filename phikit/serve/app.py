@@ -17,6 +17,11 @@ Choices where the servers differ, and ours:
   with stream_options.include_usage an OpenAI-style usage chunk with no choices follows.
 - The `model` field of a request picks a LoRA adapter when it names one (vLLM); any other value, or
   none, means the model itself (not checked: llama-server). /v1/models lists the model, then the adapters.
+- phikit extensions of the request body: `"speculate": "prompt-lookup"` (or `"draft-model"` when the
+  server has a --draft-model, or `"none"`) decodes that request speculatively (speculate.py; the same
+  output, greedy token for token), default: the server's --speculate; `"show_special": true` keeps the
+  text of special tokens that are not stop ids (<|endoftext|>, <|im_start|>, ...), hidden by default as in
+  llama-server and transformers' skip_special_tokens; default: the server's --show-special.
 
 References: OpenAI API reference (chat/completions, completions, error codes); vLLM
 `entrypoints/openai/protocol.py` and `serving_chat.py`; llama.cpp `tools/server/server.cpp`;
@@ -93,6 +98,8 @@ class _Params(BaseModel):
     min_p: float | None = Field(None, ge=0, lt=1)
     repetition_penalty: float | None = Field(None, gt=0)
     ignore_eos: bool | None = False                            # run to max_tokens (llama-server, vLLM; benchmarks)
+    speculate: Literal["prompt-lookup", "draft-model", "none"] | None = None  # phikit: see the module docstring
+    show_special: bool | None = None
 
     _check_unsupported = model_validator(mode="before")(_reject_unsupported)
 
@@ -253,8 +260,14 @@ class BodyLimit:
 # ---- the app -----------------------------------------------------------------------------------
 
 def create_app(engine: Engine, model_id: str, api_key: str | None = None,
-               max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
-    """The FastAPI app serving `engine`; the engine is closed when the app shuts down."""
+               max_body_bytes: int = MAX_BODY_BYTES, speculate: str | None = None,
+               show_special: bool = False) -> FastAPI:
+    """The FastAPI app serving `engine`; the engine is closed when the app shuts down.
+
+    speculate (one of engine.drafters) and show_special are the defaults of requests that do not say.
+    """
+    if speculate is not None and speculate not in engine.drafters:
+        raise ValueError(f"speculate={speculate!r} is not one of the engine's drafters ({', '.join(engine.drafters)})")
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -312,12 +325,18 @@ def create_app(engine: Engine, model_id: str, api_key: str | None = None,
         if left < 1:
             return error(400, f"this model's maximum context length is {engine.max_context} tokens, but the "
                               f"prompt has {len(ids)} tokens", param, code="context_length_exceeded")
+        spec = speculate if body.speculate is None else None if body.speculate == "none" else body.speculate
+        if spec is not None and spec not in engine.drafters:
+            return error(400, f"speculate: this server has no {spec} drafter (phikit serve --draft-model M loads "
+                              "one)", "speculate")
         loop, queue = asyncio.get_running_loop(), asyncio.Queue()
         adapter = body.model if body.model in engine.adapters else None
         req = Request(prompt=ids, max_tokens=min(max_tokens or left, left), sampling=body.sampling(),
                       stop_ids=frozenset() if body.ignore_eos else chat_stop_ids, stop_strings=tuple(s for s in body.stop or () if s),
                       presence_penalty=body.presence_penalty or 0.0, frequency_penalty=body.frequency_penalty or 0.0,
-                      adapter=adapter, emit=lambda event: loop.call_soon_threadsafe(queue.put_nowait, event))
+                      adapter=adapter, speculate=spec,
+                      show_special=show_special if body.show_special is None else body.show_special,
+                      emit=lambda event: loop.call_soon_threadsafe(queue.put_nowait, event))
         try:
             engine.submit(req)
         except EngineClosed as e:

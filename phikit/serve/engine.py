@@ -22,6 +22,16 @@ row), and afterwards the model goes back to its active adapter. A model without 
 The per-row selection indexes the batch in Python, so `decode_fn` must be eager (generate.decode_one)
 when the model has adapters; `phikit serve` refuses --compile with --adapter.
 
+Speculative decoding (speculate.py) is per request: `Request.speculate` names one of the engine's
+drafters (`drafters`, e.g. {"prompt-lookup": PromptLookup(), "draft-model": DraftModel(m)}). Before the
+batched step, each speculating row with drafts verifies them in its own call (speculate.verify: k+1
+decode rows on its cache row i) and its next tokens are decided there; the batched step then covers the
+other rows (a speculating row below the last of them runs its last token again at its own position:
+the same keys and values, its logits unused). A speculating row gets several tokens per step, each its
+own Event; its output is its plain output (greedy: the same tokens). Drafters keep their state per cache
+row and notice a new request in a row by its tokens (a draft model's cache follows the row by common
+prefix). A draft model's KV cache (max_batch x max_context) is not counted in `phikit serve`'s plan.
+
 Each row keeps its own position and its own LongRoPE factor choice: a sequence that grows past
 `original_max_seq_len` is run again from position 0 with the long factors, exactly as
 `phikit.generate` does (see model.py `_check_cache_rope`). Greedy output is therefore the same
@@ -50,10 +60,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..generate import Sampling, _find_stop, _partial_stop_len, apply_repetition_penalty, decode_one, prefill, sample
+from ..generate import (Sampling, _find_stop, _partial_stop_len, apply_repetition_penalty, decode_one, prefill, sample,
+                        seen_after)
 from ..model import Phi3
 from ..tokenizer import Tokenizer
-from ..train.lora import adapter_names, lora_layers, set_row_adapters
+from ..train.lora import adapter_names, lora_layers, set_active, set_row_adapters
 
 log = logging.getLogger("phikit.serve")
 
@@ -80,6 +91,8 @@ class Request:
     presence_penalty: float = 0.0   # OpenAI semantics: over the generated tokens (as vLLM)
     frequency_penalty: float = 0.0
     adapter: str | None = None      # a LoRA adapter of the model (Engine.adapters); None: the model as loaded
+    speculate: str | None = None    # one of Engine.drafters (e.g. "prompt-lookup"); None: plain decoding
+    show_special: bool = False      # the text of special tokens that are not stop ids (hidden by default)
     cancelled: bool = False         # set by Engine.cancel from any thread; read once per step
 
 
@@ -90,10 +103,12 @@ class EngineClosed(RuntimeError):
 class _Slot:
     """A running request in one cache row: its tokens so far, detokenizer, RNG and stop-string state."""
 
-    def __init__(self, req: Request, tokenizer: Tokenizer, vocab: int, device):
+    def __init__(self, req: Request, tokenizer: Tokenizer, vocab: int, device, drafter=None):
         self.req = req
-        self.history = list(req.prompt)  # every token of the row, for a LongRoPE re-prefill
-        self.decoder = tokenizer.stream(skip_special_tokens=False)
+        self.history = list(req.prompt)  # every token of the row, for a LongRoPE re-prefill and the drafter
+        self.drafter = drafter
+        self.new: list[int] | None = None  # the next tokens, when a speculative step decided them
+        self.decoder = tokenizer.stream(skip_special_tokens=not req.show_special)
         seed = req.sampling.seed if req.sampling.seed is not None else random.getrandbits(63)
         self.generator = torch.Generator(device=device).manual_seed(seed)  # per request: no cross-talk
         self.pending = ""  # text held back because it may begin a stop string
@@ -104,24 +119,30 @@ class _Slot:
             self.seen = torch.zeros(vocab, dtype=torch.bool, device=device)
             self.seen[torch.tensor(self.history, device=device)] = True
 
+    def penalize(self, logits: torch.Tensor, drafts: Sequence[int] = ()) -> torch.Tensor:
+        """This request's penalties on logits (k+1, V): row j also counts the first j drafted tokens."""
+        if self.seen is not None:
+            seen = seen_after(self.seen, drafts)
+            logits = apply_repetition_penalty(logits, seen, self.req.sampling.repetition_penalty)
+        if self.counts is not None:
+            counts = self.counts.expand(len(drafts) + 1, -1).clone()
+            for j, d in enumerate(drafts):
+                counts[j + 1:, d] += 1
+            logits = logits - self.req.frequency_penalty * counts - self.req.presence_penalty * (counts > 0)
+        return logits
+
     def next_token(self, logits: torch.Tensor) -> int:
         """Apply this request's penalties to logits (V,) and sample one token."""
-        logits = logits[None]  # (1, V)
-        if self.seen is not None:
-            logits = apply_repetition_penalty(logits, self.seen[None], self.req.sampling.repetition_penalty)
-        if self.counts is not None:
-            logits = logits - self.req.frequency_penalty * self.counts - self.req.presence_penalty * (self.counts > 0)
-        tok = int(sample(logits, self.req.sampling, self.generator)[0])
-        if self.seen is not None:
-            self.seen[tok] = True
-        if self.counts is not None:
-            self.counts[tok] += 1
-        return tok
+        return int(sample(self.penalize(logits[None]), self.req.sampling, self.generator)[0])
 
     def accept(self, tok: int) -> Event:
         """Turn one new token into an Event (text, and a finish reason when done), as `stream_text` does."""
         req = self.req
         self.n += 1
+        if self.seen is not None:
+            self.seen[tok] = True
+        if self.counts is not None:
+            self.counts[tok] += 1
         finish, text, hit = None, "", -1
         if tok in req.stop_ids:
             finish = "stop"  # the stop token counts as generated, its text is not shown
@@ -151,11 +172,12 @@ class Engine:
     """Owns the model on its own thread; `submit` requests from any thread, `cancel` them, `close` at exit."""
 
     def __init__(self, model: Phi3, tokenizer: Tokenizer, max_batch: int = 8, max_context: int = 2048,
-                 decode_fn=decode_one):
+                 decode_fn=decode_one, drafters: dict | None = None):
         if max_batch < 1 or max_context < 2:
             raise ValueError("max_batch must be >= 1 and max_context >= 2")
         self.model, self.tokenizer = model, tokenizer
         self.decode_fn = decode_fn  # generate.decode_one, or compile_decode's step for a model without LoRA
+        self.drafters = dict(drafters or {})  # name -> speculate.Drafter, chosen per request (Request.speculate)
         self.max_batch, self.max_context = max_batch, max_context
         self.device = model.norm.weight.device  # norms are never quantized
         self.vocab = model.cfg.vocab_size
@@ -171,6 +193,8 @@ class Engine:
         self.default_adapter = layers[0].active if layers else None  # what a request without an adapter gets
         # the adapters a request may name (the default one is the model itself)
         self.adapters = [n for n in adapter_names(model) if n != self.default_adapter]
+        for drafter in self.drafters.values():  # here, so that a draft model that cannot serve raises here
+            drafter.start(model, max_batch, max_context)
         self._thread = threading.Thread(target=self._run, name="phikit-engine", daemon=True)
         self._thread.start()
 
@@ -184,6 +208,9 @@ class Engine:
             raise ValueError(f"max_tokens must be in 1..{self.max_context - len(req.prompt)}")
         if req.adapter is not None and req.adapter not in self.adapters:
             raise ValueError(f"no adapter named {req.adapter!r} (this model has: {', '.join(self.adapters) or 'none'})")
+        if req.speculate is not None and req.speculate not in self.drafters:
+            raise ValueError(f"no drafter named {req.speculate!r} (this server has: "
+                             f"{', '.join(self.drafters) or 'none'})")
         with self._cond:
             if self._closed:
                 raise EngineClosed("the server is shutting down")
@@ -234,6 +261,8 @@ class Engine:
                 if slot is not None:
                     self._finish(i, Event(finish_reason="cancelled", error="the server is shutting down"))
             self.model.remove_cache()
+            for drafter in self.drafters.values():
+                drafter.stop()
 
     def _wait_for_work(self) -> bool:
         """Block while idle; False once closed with nothing left to do (or told to stop now)."""
@@ -251,17 +280,18 @@ class Engine:
 
     def _step(self) -> None:
         self._admit()
-        for i, slot in enumerate(self.slots):  # sample one token per active row
+        for i, slot in enumerate(self.slots):  # one token per active row (a speculating row: maybe several)
             if slot is None:
                 continue
             if slot.req.cancelled:
                 self.slots[i] = None
                 continue
-            tok = slot.next_token(self.logits[i])
-            event = slot.accept(tok)
-            if event.finish_reason is not None:
-                self._finish(i, event)
-            else:
+            tokens, slot.new = slot.new or [slot.next_token(self.logits[i])], None
+            for tok in tokens:
+                event = slot.accept(tok)
+                if event.finish_reason is not None:
+                    self._finish(i, event)
+                    break
                 slot.history.append(tok)
                 self._emit(slot.req, event)
         if self.active:
@@ -279,7 +309,7 @@ class Engine:
                 continue
             i = free[0]
             try:
-                slot = _Slot(req, self.tokenizer, self.vocab, self.device)
+                slot = _Slot(req, self.tokenizer, self.vocab, self.device, self.drafters.get(req.speculate))
                 self.logits[i] = self._prefill(i, slot)
             except Exception as e:  # this request alone fails (e.g. a token id the model does not have)
                 log.exception("prefill failed")
@@ -289,8 +319,21 @@ class Engine:
             self.slots[free.pop(0)] = slot
 
     def _decode(self) -> None:
-        """One step for all rows; a row crossing the LongRoPE switch point is re-prefilled first."""
-        k = max(i for i, slot in enumerate(self.slots) if slot is not None) + 1
+        """Speculating rows verify their drafts, each alone; then one step for the other rows together (a row
+        crossing the LongRoPE switch point is re-prefilled first)."""
+        for i, slot in enumerate(self.slots):
+            if slot is not None and slot.drafter is not None:
+                last = torch.tensor([[len(slot.history) - 1]])
+                if bool(self.model.rope.use_long(last) == self.model.cache_rope_long[i].cpu()):  # not crossing
+                    with self._adapter(slot.req.adapter):  # the verification's rows are all this request's
+                        slot.new = slot.drafter.step(self.model, i, slot.history, slot.req.max_tokens - slot.n,
+                                                     self.max_context, slot.penalize, slot.req.sampling,
+                                                     slot.generator)
+        plain = [i for i, slot in enumerate(self.slots) if slot is not None and slot.new is None]
+        if not plain:
+            self.steps += 1
+            return
+        k = max(plain) + 1
         tokens = torch.zeros(k, dtype=torch.long)
         pos = torch.zeros(k, dtype=torch.long)  # free rows: dummy token 0 at position 0
         for i, slot in enumerate(self.slots[:k]):
@@ -310,6 +353,18 @@ class Engine:
         """Run the slot's tokens so far into cache row i, with its adapter; the logits (V,) of the last one."""
         with self._row_adapters([slot.req.adapter]):
             return prefill(self.model, torch.tensor(slot.history, device=self.device), i).float()
+
+    @contextlib.contextmanager
+    def _adapter(self, name: str | None):
+        """Every row of the forwards within uses adapter name (None: the default adapter)."""
+        if not self._lora:
+            yield
+            return
+        set_active(self.model, self.default_adapter if name is None else name)
+        try:
+            yield
+        finally:
+            set_active(self.model, self.default_adapter)
 
     @contextlib.contextmanager
     def _row_adapters(self, names: list[str | None]):
