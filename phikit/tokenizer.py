@@ -147,7 +147,10 @@ class Tokenizer:
             return f"{other.vocab_size} tokens against {self.vocab_size}"
         ours, theirs = self.backend.get_vocab(with_added_tokens=True), other.backend.get_vocab(with_added_tokens=True)
         if ours != theirs:
-            token = min((t for t in ours if theirs.get(t) != ours[t]), key=ours.get)
+            token = min((t for t in ours if theirs.get(t) != ours[t]), key=ours.get, default=None)
+            if token is None:  # the same tokens at the same ids, and some more of its own
+                extra = min(set(theirs) - set(ours), key=theirs.get)
+                return f"it has a token {extra!r} (id {theirs[extra]}) that this one has not"
             return (f"token {token!r} is id {theirs[token]} against {ours[token]}" if token in theirs else
                     f"it has no token {token!r} (id {ours[token]})")
         for name in ("bos_token", "eos_token"):

@@ -174,3 +174,27 @@ def test_a_new_cache_is_the_one_written():
             prefill(model, torch.tensor(p), b)
         assert torch.equal(eager(model, tok, pos), got)
         model.remove_cache()
+
+
+def test_a_model_cast_to_another_dtype_rebuilds_the_decoder():
+    """model.to(dtype) keeps its Parameter objects and swaps their data: the Decoder must follow."""
+    model = model_for("phi-3-mini-4k-instruct")
+    prompts = [[1, 2, 3]]
+    logits_per_step(model, fused, prompts, 2)
+    model.to(torch.bfloat16)
+    want = logits_per_step(model, eager, prompts, 3)
+    got = logits_per_step(model, fused, prompts, 3)
+    assert all(a.dtype == torch.bfloat16 and torch.equal(a, b) for a, b in zip(want, got))
+
+
+def test_a_bf16_verification_on_a_shared_row_warns_nothing(recwarn, capfd):
+    """The generic (non-float32) step writes a shared cache row through its real row, not an expanded view."""
+    from phikit.speculate import verify
+
+    model = model_for("phi-3-mini-4k-instruct", torch.bfloat16)
+    model.setup_cache(1, 32)
+    prefill(model, torch.tensor([1, 2, 3, 4]), 0)
+    got = verify(model, 0, [1, 2, 3, 4], [5, 6, 7])
+    model.remove_cache()
+    assert got.shape == (4, model.cfg.vocab_size)
+    assert "expanded" not in capfd.readouterr().err and not [w for w in recwarn if "expanded" in str(w.message)]

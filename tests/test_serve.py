@@ -28,6 +28,7 @@ from phikit.chat_format import encode_chat, stop_ids  # noqa: E402
 from phikit.generate import Sampling, stream_text  # noqa: E402
 from phikit.serve import Engine, Request  # noqa: E402
 from phikit.serve.app import create_app  # noqa: E402
+from phikit.serve.engine import SPECULATE_MAX_ROWS  # noqa: E402
 from phikit.speculate import DraftModel, PromptLookup  # noqa: E402
 
 KEY = "sk-test-key"
@@ -208,6 +209,7 @@ def test_speculating_requests_among_plain_ones(served):
     lengths = [40, 25, 33, 18, 30, 12]
     drafter = engine.drafters["draft-model"]
     before = drafter.accepted, drafter.drafted
+    engine.speculate_max_rows = 8  # speculate with all six running (by default only while <= 2 are)
 
     def one(i):
         extra = {} if modes[i] is None else {"speculate": modes[i]}
@@ -222,6 +224,7 @@ def test_speculating_requests_among_plain_ones(served):
         got = list(pool.map(one, range(6)))
     for i in range(6):
         assert got[i] == reference(served, tok.encode(prompts[i], add_special_tokens=True), lengths[i])[0], i
+    engine.speculate_max_rows = SPECULATE_MAX_ROWS
     accepted, drafted = drafter.accepted - before[0], drafter.drafted - before[1]
     assert 0 < accepted < drafted  # the draft model drafted, and was both right and wrong
 

@@ -17,6 +17,8 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 from ..cli import DTYPES
 
 
@@ -102,7 +104,10 @@ def _merge(args, adapter_base):
     from ..train.lora import merge_lora
 
     base = args.model or adapter_base(args.adapter)
-    model, tokenizer = load(base, dtype=DTYPES[args.dtype])
+    dtype = DTYPES[args.dtype]
+    if dtype is None and str(base).lower().endswith(".gguf"):
+        dtype = torch.float32  # a GGUF's quantized tensors would stay quantized: merge into its float form
+    model, tokenizer = load(base, dtype=dtype)
     if model.cfg.quantization is not None:
         raise ValueError(f"{base} is quantized: merge the adapter into the float checkpoint, then quantize the result")
     load_adapter(model, args.adapter)

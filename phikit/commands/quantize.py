@@ -179,9 +179,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.dtype == "auto":  # a GGUF would load with its quantized tensors kept: quantize the float model
             args.dtype = "bfloat16"
         reference, tokenizer = load_from(args, need_tokenizer=False)
-        # the quantized engine runs bf16 activations unless --dtype says otherwise (a GGUF loads as float32),
-        # and the gate compares with the float model in that same dtype
-        reference = reference.to(DTYPES[args.dtype] or torch.bfloat16)
+        # the quantized engine runs bf16 activations unless --dtype says otherwise (set above), and the gate
+        # compares with the float model in that same dtype
+        reference = reference.to(DTYPES[args.dtype])
         ids = calibration_ids(tokenizer, calibration)
         try:
             importance = None if ids is None else calibrate(reference, ids)

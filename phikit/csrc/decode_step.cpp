@@ -156,6 +156,10 @@ class Decoder {
         TORCH_CHECK(l.kind >= 0 && l.kind <= 2 && l.a.numel() > 0 && (l.kind != 2 || l.b.numel() > 0),
                     "Decoder: bad linear layer spec");
       }
+      const int64_t C = blk.ln1.numel();  // what the loops of step_f32 index by
+      TORCH_CHECK(blk.ln2.numel() == C && blk.qkv.out == (H_ + 2 * Hkv_) * D_ && blk.o.out == C &&
+                      blk.down.out == C && blk.gate_up.out % 2 == 0,
+                  "Decoder: block ", i, " has shapes that do not fit its heads");
       for (const Linear* l : lins) fast_ = fast_ && (l->kind == 2 || (l->kind == 0 && l->a.scalar_type() == at::kFloat));
       fast_ = fast_ && blk.ln1.scalar_type() == at::kFloat && blk.ln2.scalar_type() == at::kFloat;
       blocks_.push_back(std::move(blk));
@@ -205,23 +209,26 @@ class Decoder {
       auto q = apply_rope(parts[0].view({B, T, H_, D_}).transpose(1, 2), c, s);      // (B, H, 1, D)
       auto k = apply_rope(parts[1].view({B, T, Hkv_, D_}).transpose(1, 2), c, s);    // (B, Hkv, 1, D)
       auto v = parts[2].view({B, T, Hkv_, D_}).transpose(1, 2);
-      c10::List<c10::optional<at::Tensor>> index;  // [rows, :, pos]: kv_cache.py write
-      index.push_back(rows);
+      // [rows, :, pos]: kv_cache.py write; a shared row (stride 0) is written through its one real row
+      const bool shared = kc.stride(0) == 0;
+      auto real = [&](const torch::Tensor& t) { return shared ? t[0].unsqueeze(0) : t; };
+      c10::List<c10::optional<at::Tensor>> index;
+      index.push_back(shared ? at::zeros_like(rows) : rows);
       index.push_back(c10::nullopt);
       index.push_back(pos);
       c10::optional<torch::Tensor> k_scale, v_scale;
       if (ksc.numel() > 0) {
         auto [kq, ks] = quantize_kv(k.transpose(1, 2));
         auto [vq, vs] = quantize_kv(v.transpose(1, 2));
-        kc.index_put_(index, kq);
-        ksc.index_put_(index, ks);
-        vc.index_put_(index, vq);
-        vsc.index_put_(index, vs);
+        real(kc).index_put_(index, kq);
+        real(ksc).index_put_(index, ks);
+        real(vc).index_put_(index, vq);
+        real(vsc).index_put_(index, vs);
         k_scale = ksc.narrow(0, 0, B).narrow(2, 0, S);
         v_scale = vsc.narrow(0, 0, B).narrow(2, 0, S);
       } else {
-        kc.index_put_(index, k.transpose(1, 2));
-        vc.index_put_(index, v.transpose(1, 2));
+        real(kc).index_put_(index, k.transpose(1, 2));
+        real(vc).index_put_(index, v.transpose(1, 2));
       }
       auto y = decode_attention(q.reshape({B, H_, D_}).to(at::kFloat).contiguous(), kc.narrow(0, 0, B).narrow(2, 0, S),
                                 vc.narrow(0, 0, B).narrow(2, 0, S), mask, scale, k_scale, v_scale)

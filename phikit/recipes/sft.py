@@ -9,7 +9,8 @@ config file (YAML or JSON; relative paths are relative to the file); every key b
     model: runs/tiny/final          # the base: checkpoint dir or hub id, .gguf file, phikit int4/int8 checkpoint
                                     # (a path relative to this file or to the working directory, else a hub id)
     revision: null                  # hub branch, tag or commit of model
-    base_dtype: auto                # auto (LoRA: the checkpoint's dtype; full: float32) | float32 | bfloat16
+    base_dtype: auto                # auto (LoRA: the checkpoint's dtype, so a .gguf base keeps its Q4_0/Q4_1/Q8_0
+                                    # tensors quantized: QLoRA; full: float32) | float32 | bfloat16
     template: null                  # chat template: the tokenizer's own, or a built-in family (phi-3.5, phi-4-mini, ...)
     data:
       train: data/train.jsonl       # TRL formats, .jsonl or .parquet: {"messages": [...]} or {"prompt", "completion"}

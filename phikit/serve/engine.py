@@ -28,7 +28,9 @@ batched step, each speculating row with drafts verifies them in its own call (sp
 decode rows on its cache row i) and its next tokens are decided there; the batched step then covers the
 other rows (a speculating row below the last of them runs its last token again at its own position:
 the same keys and values, its logits unused). A speculating row gets several tokens per step, each its
-own Event; its output is its plain output (greedy: the same tokens). Drafters keep their state per cache
+own Event; its output is its plain output (greedy: the same tokens). Each verification reads every
+weight for its one sequence, so speculation runs only while at most SPECULATE_MAX_ROWS (2) sequences are
+active; with more, the speculating rows join the batched step (one weight read for all). Drafters keep their state per cache
 row and notice a new request in a row by its tokens (a draft model's cache follows the row by common
 prefix). A draft model's KV cache (max_batch x max_context) is not counted in `phikit serve`'s plan.
 
@@ -67,6 +69,7 @@ from ..tokenizer import Tokenizer
 from ..train.lora import adapter_names, lora_layers, set_active, set_row_adapters
 
 log = logging.getLogger("phikit.serve")
+SPECULATE_MAX_ROWS = 2  # speculate while this few sequences are active; beyond, batching pays more
 
 
 @dataclass
@@ -177,6 +180,7 @@ class Engine:
             raise ValueError("max_batch must be >= 1 and max_context >= 2")
         self.model, self.tokenizer = model, tokenizer
         self.decode_fn = decode_fn  # generate.decode_one, or compile_decode's step for a model without LoRA
+        self.speculate_max_rows = SPECULATE_MAX_ROWS
         self.drafters = dict(drafters or {})  # name -> speculate.Drafter, chosen per request (Request.speculate)
         self.max_batch, self.max_context = max_batch, max_context
         self.device = model.norm.weight.device  # norms are never quantized
@@ -321,8 +325,11 @@ class Engine:
     def _decode(self) -> None:
         """Speculating rows verify their drafts, each alone; then one step for the other rows together (a row
         crossing the LongRoPE switch point is re-prefilled first)."""
+        # a verification reads every weight for one sequence, as the batched step does for all: with more than
+        # SPECULATE_MAX_ROWS sequences running, batching beats speculating, and every row takes the batched step
+        speculate = self.active <= self.speculate_max_rows
         for i, slot in enumerate(self.slots):
-            if slot is not None and slot.drafter is not None:
+            if speculate and slot is not None and slot.drafter is not None:
                 last = torch.tensor([[len(slot.history) - 1]])
                 if bool(self.model.rope.use_long(last) == self.model.cache_rope_long[i].cpu()):  # not crossing
                     with self._adapter(slot.req.adapter):  # the verification's rows are all this request's
