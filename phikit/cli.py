@@ -73,7 +73,8 @@ def add_sampling_args(p: argparse.ArgumentParser, temperature: float = 0.0) -> N
 def add_speculate_args(p: argparse.ArgumentParser, server: bool = False) -> None:
     """--speculate, --draft-model, --draft-tokens, --show-special."""
     g = p.add_argument_group("speculative decoding and output")
-    per_request = " (a request's `speculate` field overrides it)" if server else ""
+    per_request = (" (a request's `speculate` field overrides it; the server speculates while at most 2 sequences "
+                   "run, beyond that every row takes the batched step)") if server else ""
     g.add_argument("--speculate", default=None, choices=["prompt-lookup", "draft-model", "none"],
                    help="speculative decoding, the same output in fewer forward passes: prompt-lookup drafts tokens "
                         "by matching the context's last tokens earlier in the prompt or output (pays when the output "
@@ -83,7 +84,8 @@ def add_speculate_args(p: argparse.ArgumentParser, server: bool = False) -> None
                    help="a smaller model with the same tokenizer that drafts tokens for --model, loaded as --model "
                         "is (default: none)")
     g.add_argument("--draft-tokens", type=int, default=None, metavar="K",
-                   help="tokens drafted per step (default: 8 for prompt-lookup, 4 for a draft model)")
+                   help="most tokens drafted per step; the length adapts to how many were accepted (default: 8 for "
+                        "prompt-lookup, 4 for a draft model)")
     g.add_argument("--show-special", action="store_true",
                    help="show the text of special tokens that are not stop ids (<|endoftext|>, ...)"
                         + (" unless a request's `show_special` field says otherwise" if server else "")
