@@ -48,6 +48,7 @@ import torch
 import torch.distributed as dist
 
 from .. import checkpoint as model_io
+from . import run_parser
 from ..config import Config, ConfigError
 from ..data.shards import ShardError
 from ..model import Phi3
@@ -71,14 +72,7 @@ DEFAULTS = {
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="phikit pretrain", description=__doc__.split("\n")[0].split(": ", 1)[1])
-    p.add_argument("--config", required=True, help="YAML or JSON config file (schema: `pydoc phikit.recipes.pretrain`)")
-    p.add_argument("--out", required=True, help="run directory for metrics, checkpoints and the final model")
-    p.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CKPT",
-                   help="continue from the newest checkpoint under --out, or from CKPT (default: start a new run)")
-    p.add_argument("--ddp", action="store_true", help="under torchrun, use DDP instead of FSDP2 (default: FSDP2)")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads per process (default: train.threads)")
-    return p
+    return run_parser("pretrain", __doc__)
 
 
 def fail(msg: str):

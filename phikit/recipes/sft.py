@@ -60,6 +60,7 @@ import torch
 import torch.distributed as dist
 
 from .. import checkpoint as model_io
+from . import run_parser
 from ..data import sft as sft_data
 from ..train import checkpointing
 from ..train.distributed import grad_sync, setup_distributed, wrap
@@ -83,14 +84,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bf
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="phikit sft", description=__doc__.split("\n")[0].split(": ", 1)[1])
-    p.add_argument("--config", required=True, help="YAML or JSON config file (schema: `pydoc phikit.recipes.sft`)")
-    p.add_argument("--out", required=True, help="run directory for metrics, checkpoints and the final model")
-    p.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CKPT",
-                   help="continue from the newest checkpoint under --out, or from CKPT (default: start a new run)")
-    p.add_argument("--ddp", action="store_true", help="under torchrun, use DDP instead of FSDP2 (default: FSDP2)")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads per process (default: train.threads)")
-    return p
+    return run_parser("sft", __doc__)
 
 
 def fail(msg: str):
