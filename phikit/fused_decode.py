@@ -27,7 +27,7 @@ from torch import nn
 from . import kernels
 from .bf16_linear import BF16Linear
 from .bf16_linear import available as bf16_available
-from .model import DECODE_SPAN, MLP, Attention, Block, Phi3, RMSNorm, _decode_kernel
+from .model import MLP, Attention, Block, Phi3, RMSNorm, _decode_kernel
 from .quantize import QuantLinear
 
 FLOAT, BF16, QUANT = 0, 1, 2  # the kinds of linear layer csrc/decode_step.cpp runs
@@ -115,11 +115,7 @@ class FusedDecode:
         B = idx.shape[0]
         use_long = model.rope.use_long(input_pos)
         model._check_cache_rope(input_pos, use_long, slice(0, B) if row is None else torch.full((B,), row))
-        last = int(input_pos.max()) + 1
-        max_len = model.layers[0].self_attn.kv_cache.max_len
-        if last > max_len:
-            raise ValueError(f"position {last - 1} is beyond the cache size {max_len}")
-        S = min(-(-last // DECODE_SPAN) * DECODE_SPAN, max_len)  # as Phi3.forward: a multiple of 128 slots
+        last, S = model.cache_span(input_pos, decoding=True)  # as Phi3.forward
         cos, sin = model.rope(input_pos, use_long)
         x = model.embed_tokens(idx).to(model.norm.weight.dtype)
         cos, sin = cos.to(x.dtype), sin.to(x.dtype)

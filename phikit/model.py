@@ -96,7 +96,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=gqa)
 
 
-DECODE_SPAN = 128  # decoding reads the cache in steps of this many slots (see Phi3.forward)
+DECODE_SPAN = 128  # decoding reads the cache in steps of this many slots (see Phi3.cache_span)
 
 
 def _decode_kernel(k: torch.Tensor):
@@ -211,13 +211,7 @@ class Phi3(nn.Module):
         use_long = self.rope.use_long(input_pos) if rope_long is None else rope_long  # (B,) LongRoPE list
         if self.cache_rope_long is not None:
             self._check_cache_rope(input_pos, use_long, rows)
-            S = int(input_pos.max()) + 1
-            max_len = self.layers[0].self_attn.kv_cache.max_len
-            if S > max_len:
-                raise ValueError(f"position {S - 1} is beyond the cache size {max_len}")
-            if T == 1:  # decoding attends to a multiple of 128 slots (the mask hides the rest): a new key count
-                # every step would make oneDNN build (and cache) a new matmul each step, ~1.5 MB of RSS per token
-                S = min(-(-S // DECODE_SPAN) * DECODE_SPAN, max_len)
+            S = self.cache_span(input_pos, decoding=T == 1)[1]
         else:
             S = T  # no cache: the keys are this call's tokens, at positions input_pos
         cos, sin = self.rope(input_pos, use_long)
@@ -258,16 +252,25 @@ class Phi3(nn.Module):
         if self.cache_rope_long is None:
             raise ValueError("decode_step needs a cache: call setup_cache first")
         B = input_pos.shape[0]
-        S = int(input_pos.max()) + 1
+        S = self.cache_span(input_pos, decoding=False)[0]
         cache = self.layers[0].self_attn.kv_cache
-        if S > cache.max_len:
-            raise ValueError(f"position {S - 1} is beyond the cache size {cache.max_len}")
         if B > cache.k.shape[0]:
             raise ValueError(f"{B} sequences for a cache of {cache.k.shape[0]} rows")
         self._check_cache_rope(input_pos, self.rope.use_long(input_pos), slice(0, B))
         n = S if _decode_kernel(cache.k) is not None else cache.max_len  # PyTorch's attention reads masked slots
         for block in self.layers:
             block.self_attn.kv_cache.zero_until(n)
+
+    def cache_span(self, input_pos: torch.Tensor, decoding: bool) -> tuple[int, int]:
+        """(last, S) for a call at positions input_pos with a cache: last = the highest position + 1 (refused
+        beyond the cache size), S = the cache slots attended: last, or when decoding a multiple of DECODE_SPAN
+        (the mask hides the rest): a new key count every step would make oneDNN build (and cache) a new
+        matmul each step, ~1.5 MB of RSS per token."""
+        last = int(input_pos.max()) + 1
+        max_len = self.layers[0].self_attn.kv_cache.max_len
+        if last > max_len:
+            raise ValueError(f"position {last - 1} is beyond the cache size {max_len}")
+        return last, (min(-(-last // DECODE_SPAN) * DECODE_SPAN, max_len) if decoding else last)
 
     def _mask(self, input_pos: torch.Tensor, S: int) -> torch.Tensor:
         """(B, 1, T, S) bool: query at position p sees key slot j iff p - W < j <= p (W = sliding window)."""
