@@ -14,6 +14,7 @@ COMMANDS = {
     "data": ("phikit.commands.data", "data pipeline: ingest, dedup, score, filter, tokenizer, pack (see --help)"),
     "pretrain": ("phikit.recipes.pretrain", "pretrain from scratch on token shards (phases, resume, FSDP/DDP)"),
     "sft": ("phikit.recipes.sft", "supervised fine-tuning on chat data, full or LoRA / QLoRA (resume, FSDP/DDP)"),
+    "dpo": ("phikit.recipes.dpo", "preference optimisation (DPO, IPO) on chosen/rejected pairs, full or LoRA (resume, FSDP/DDP)"),
     "lora": ("phikit.commands.lora", "LoRA adapters: convert fused <-> split names, merge into a checkpoint"),
 }
 

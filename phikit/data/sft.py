@@ -303,9 +303,10 @@ class SFTDataset:
 
 
 def cache_key(path: str | os.PathLike, tokenizer: Tokenizer, template: str | None, train_on: str,
-              max_len: int, overflow: str) -> str:
-    """sha256 over everything the tokenized result depends on: the file's bytes, the tokenizer, the settings."""
-    h = hashlib.sha256(f"phikit-sft-v{FORMAT_VERSION}\0".encode())
+              max_len: int, overflow: str, kind: str = "sft") -> str:
+    """sha256 over everything the tokenized result depends on: the file's bytes, the tokenizer, the settings
+    (kind: what the file is read as, "sft" here, "preference" in data/preference.py)."""
+    h = hashlib.sha256(f"phikit-{kind}-v{FORMAT_VERSION}\0".encode())
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
@@ -409,7 +410,8 @@ def _read_cache(path: Path, key: str) -> SFTDataset | None:
             ids, targets, offsets = f.get_tensor("ids"), f.get_tensor("targets"), f.get_tensor("offsets")
         stats = json.loads(meta["stats"])
         ok = (meta.get("key") == key and ids.dtype == targets.dtype == torch.int32 and offsets.dtype == torch.int64
-              and len(ids) == len(targets) and len(offsets) == stats["kept"] + 1 and int(offsets[0]) == 0
+              and len(ids) == len(targets) and len(offsets) == stats.get("sequences", stats["kept"]) + 1
+              and int(offsets[0]) == 0
               and int(offsets[-1]) == len(ids) and bool((offsets[1:] >= offsets[:-1]).all()))
         if not ok:
             raise ValueError("inconsistent contents")

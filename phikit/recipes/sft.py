@@ -60,13 +60,14 @@ import torch
 import torch.distributed as dist
 
 from .. import checkpoint as model_io
-from . import run_parser
+from . import common, run_parser
+from .common import checkpoint_blocks, pad_id_for, save_final  # noqa: F401 (also the API of this recipe)
 from ..data import sft as sft_data
 from ..train import checkpointing
 from ..train.distributed import grad_sync, setup_distributed, wrap
 from ..train.losses import IGNORE_INDEX, cross_entropy
-from ..train.optim import SCHEDULES, lr_at, make_optimizer
-from ..train.run_files import RunFileError, plot_losses, read_config, restart_metrics
+from ..train.optim import lr_at, make_optimizer
+from ..train.run_files import plot_losses, restart_metrics
 
 DEFAULTS = {
     "seed": 0, "model": None, "revision": None, "base_dtype": "auto", "template": None,
@@ -79,8 +80,6 @@ DEFAULTS = {
               "compile": False, "threads": None, "activation_checkpointing": False, "eval_every": 50,
               "checkpoint_every": 50, "keep_checkpoints": 2},
 }
-LORA_DEFAULTS = {"r": 16, "alpha": 32, "dropout": 0.05, "targets": "all-linear", "rslora": False}
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 
 
 def parser() -> argparse.ArgumentParser:
@@ -88,64 +87,19 @@ def parser() -> argparse.ArgumentParser:
 
 
 def fail(msg: str):
-    raise SystemExit(f"phikit sft: {msg}")
+    common.fail("sft", msg)
 
 
 def load_config(path: Path) -> dict:
     """The config over DEFAULTS, paths made absolute, values checked; every problem is one line naming the key."""
-    try:
-        cfg = read_config(path, DEFAULTS)
-    except RunFileError as e:
-        fail(str(e))
-    here, d, t, o = path.resolve().parent, cfg["data"], cfg["train"], cfg["optim"]
-    if not cfg["model"] or not d["train"]:
-        fail(f"{path}: `model` (the base to fine-tune) and `data.train` are required")
-    for local in (here / str(cfg["model"]), Path(str(cfg["model"])).expanduser()):
-        if local.exists():  # a path relative to the config file or to the working directory; otherwise a hub id
-            cfg["model"] = str(local.resolve())
-            break
-    for key in ("train", "val", "cache_dir"):
-        if d[key]:
-            d[key] = str(here / d[key])
-    if cfg["lora"] is not None:
-        if not isinstance(cfg["lora"], dict) or set(cfg["lora"]) - set(LORA_DEFAULTS):
-            fail(f"{path}: lora must be a mapping with keys among {', '.join(LORA_DEFAULTS)}")
-        cfg["lora"] = {**LORA_DEFAULTS, **cfg["lora"]}
-    checks = [(d["train_on"] in ("assistant", "all"), "data.train_on must be assistant or all"),
-              (d["overflow"] in ("drop", "truncate"), "data.overflow must be drop or truncate"),
-              (int(d["max_len"]) >= 2, "data.max_len must be >= 2"),
-              (t["precision"] in ("float32", "bf16"), "train.precision must be float32 or bf16"),
-              (cfg["base_dtype"] in ("auto", *DTYPES), "base_dtype must be auto, float32 or bfloat16"),
-              (o["schedule"] in SCHEDULES, f"optim.schedule must be one of {', '.join(SCHEDULES)}"),
-              (t["batch_size"] % t["micro_batch"] == 0, "train.batch_size must be a multiple of train.micro_batch"),
-              (t["max_steps"] is not None or t["epochs"] > 0, "train.epochs must be > 0 (or set train.max_steps)")]
-    for ok, msg in checks:
-        if not ok:
-            fail(f"{path}: {msg}")
+    cfg = common.load_config("sft", path, DEFAULTS)
+    if cfg["data"]["train_on"] not in ("assistant", "all"):
+        fail(f"{path}: data.train_on must be assistant or all")
     return cfg
 
 
 def load_base(cfg: dict):
-    """(model, tokenizer) of the base, in the dtype that trains: float32 for a full fine-tune, the
-    checkpoint's own for a frozen LoRA base unless base_dtype says otherwise."""
-    from .. import load
-    from ..config import ConfigError
-    from ..gguf_io import GGUFError
-    from ..tokenizer import TokenizerError
-
-    dtype = None if cfg["base_dtype"] == "auto" else DTYPES[cfg["base_dtype"]]
-    if cfg["lora"] is None and dtype is None:
-        dtype = torch.float32  # full fine-tuning keeps float32 master weights (bf16 autocast computes in bf16)
-    try:
-        model, tokenizer = load(cfg["model"], dtype=dtype, revision=cfg["revision"])
-    except (model_io.CheckpointError, ConfigError, TokenizerError, GGUFError, MemoryError, ValueError) as e:
-        fail(f"base model {cfg['model']}: {e}")
-    if tokenizer is None:
-        fail(f"base model {cfg['model']} has no tokenizer.json; fine-tuning renders chat text through it")
-    if model.cfg.quantization is not None and cfg["lora"] is None:
-        fail(f"{cfg['model']} is quantized: a quantized base trains only with LoRA (QLoRA); add a `lora:` section "
-             "or fine-tune the float checkpoint")
-    return model, tokenizer
+    return common.load_base("sft", cfg)
 
 
 def read_data(cfg: dict, tokenizer, split: str, model_cfg) -> tuple[list, dict]:
@@ -162,46 +116,13 @@ def read_data(cfg: dict, tokenizer, split: str, model_cfg) -> tuple[list, dict]:
     return rows, {**ds.stats, "batch_rows": len(rows)}
 
 
-def pad_id_for(tokenizer) -> int:
-    """An id for padding that is not a stop id (padding is never trained nor attended, but a pad id equal to
-    a stop id is how fine-tuned models learn never to stop, where labels are masked by comparing with it)."""
-    from ..chat_format import stop_ids
-
-    stops = stop_ids(tokenizer)
-    for candidate in (tokenizer.token_to_id(tokenizer.pad_token), tokenizer.token_to_id(tokenizer.unk_token), 0):
-        if candidate is not None and candidate not in stops:
-            return candidate
-    return next(i for i in range(tokenizer.vocab_size) if i not in stops)
-
-
-def checkpoint_blocks(model) -> None:
-    """Recompute each block's activations in the backward instead of keeping them (memory for compute)."""
-    from torch.utils.checkpoint import checkpoint
-
-    for block in model.layers:
-        block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
-
-
 def main(argv: list[str] | None = None) -> int:
     # ---- setup: config, base model, adapter, data, optimizer, resume ------------------------------------
     args = parser().parse_args(argv)
     cfg = load_config(Path(args.config))
     out, d, t, o = Path(args.out), cfg["data"], cfg["train"], cfg["optim"]
     ckpt_root, metrics_path = out / "checkpoints", out / "metrics.jsonl"
-    resumed = None
-    if args.resume:
-        resume_from = checkpointing.latest(ckpt_root) if args.resume == "latest" else Path(args.resume)
-        if resume_from is None:
-            fail(f"--resume: no checkpoint under {ckpt_root}")
-        try:
-            resumed = checkpointing.read(resume_from)
-        except model_io.CheckpointError as e:
-            fail(str(e))
-        if resumed[0].get("config") != cfg:
-            print(f"phikit sft: warning: {args.config} differs from the config {resume_from} was trained with; "
-                  "the run will not match an uninterrupted one", file=sys.stderr)
-    elif metrics_path.exists() or checkpointing.latest(ckpt_root):
-        fail(f"{out} already holds a run; pass --resume to continue it, or choose another --out")
+    resume_from, resumed = common.find_resume("sft", args, cfg, out) or (None, None)
 
     rank, world, device = setup_distributed()
     B, mb = t["batch_size"], t["micro_batch"]
@@ -219,14 +140,7 @@ def main(argv: list[str] | None = None) -> int:
              f"of train.batch_size = {B}")
     torch.manual_seed(cfg["seed"])  # LoRA init and dropout
     if cfg["lora"] is not None:
-        from ..train.lora import apply_lora, cast_frozen_linears
-        lc = cfg["lora"]
-        try:
-            apply_lora(model, lc["targets"], r=lc["r"], alpha=lc["alpha"], dropout=lc["dropout"], rslora=lc["rslora"])
-        except ValueError as e:
-            fail(f"lora: {e}")
-        if t["precision"] == "bf16":  # the frozen base in the bf16 autocast would round it to, once
-            cast_frozen_linears(model, torch.bfloat16)
+        common.add_lora("sft", model, cfg)
     model.to(device).train()
     if t["activation_checkpointing"]:
         checkpoint_blocks(model)
@@ -314,16 +228,10 @@ def main(argv: list[str] | None = None) -> int:
     bar.close()
 
     # ---- save: a PEFT adapter directory (LoRA) or a full checkpoint ------------------------------------------
-    state = checkpointing.full_model_state(model)
+    final = common.gathered_final("sft", cfg, model, world, args.ddp, base_model)
     if rank == 0:
         metrics.close()
-        if world > 1 and not args.ddp:  # FSDP2 holds shards (DTensors): a plain copy takes the gathered state
-            base_model, _ = load_base(cfg)
-            if cfg["lora"] is not None:
-                apply_lora(base_model, lc["targets"], r=lc["r"], alpha=lc["alpha"], dropout=lc["dropout"],
-                           rslora=lc["rslora"])
-            base_model.load_state_dict(state, strict=False)
-        save_final(base_model, cfg, tokenizer, out / "final")
+        save_final(final, cfg, tokenizer, out / "final")
         plot_losses(records, out / "loss.png")
         last = records[-1] if records else {"loss": float("nan")}
         print(f"phikit sft: {total} steps, final loss {last['loss']:.4f}"
@@ -333,19 +241,6 @@ def main(argv: list[str] | None = None) -> int:
         dist.barrier()  # aborted at exit ("terminate called without an active exception", gloo)
         dist.destroy_process_group()
     return 0
-
-
-def save_final(model, cfg: dict, tokenizer, path: Path) -> None:
-    """DIR/final: the adapter (PEFT's format, naming its base) after LoRA, else the full model in the base's dtype."""
-    model.eval()
-    if cfg["lora"] is not None:
-        from ..train.adapters import save_adapter
-        save_adapter(model, path, base_model=cfg["model"], tokenizer=tokenizer)
-        return
-    dtype = getattr(torch, model.cfg.torch_dtype, torch.float32)
-    if cfg["base_dtype"] != "auto":
-        dtype = DTYPES[cfg["base_dtype"]]
-    model_io.save(model.to(dtype), path, tokenizer)
 
 
 def summed_loss(model, m: dict) -> torch.Tensor:

@@ -92,3 +92,26 @@ def plot_losses(records: list[dict], path: Path, x: str = "step", val: dict[str,
     fig.savefig(tmp, dpi=100)
     plt.close(fig)
     os.replace(tmp, path)
+
+
+def plot_metrics(records: list[dict], path: Path, panels: list[tuple[str, str]], x: str = "step") -> None:
+    """One panel per (metric, title): the training records' metric and its validation twin (`eval_` + metric)
+    against x; atomic write."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
+    for ax, (key, title) in zip(axes[0], panels):
+        ax.plot([r[x] for r in records if key in r], [r[key] for r in records if key in r], lw=1, label="train")
+        val = [(r[x], r["eval_" + key]) for r in records if "eval_" + key in r]
+        if val:
+            ax.plot(*zip(*val), marker="o", ms=3, lw=1, label="validation")
+        ax.set(xlabel=x, title=title)
+        ax.legend(fontsize=8)
+    fig.suptitle(path.parent.name)
+    fig.tight_layout()
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
