@@ -38,7 +38,7 @@ def test_each_command_explains_its_flags(command):
     out = run(command, "--help")
     assert out.returncode == 0
     assert "default" in out.stdout
-    if command in ("data", "pretrain", "sft", "lora"):  # no --model flag: their own flags are tested with them
+    if command in ("data", "pretrain", "sft", "dpo", "lora"):  # no --model flag: their own flags are tested with them
         return
     flags = ["--model", "--dtype", "--threads", "--revision"]
     if command in ("generate", "chat"):
