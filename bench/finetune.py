@@ -19,6 +19,8 @@ length, batch, threads and precision:
     3.8b   Phi-3-mini-4k (3.8B): a bf16 base on both sides, activation checkpointing on both sides
            (transformers' gradient_checkpointing_enable, phikit's train.activation_checkpointing);
            sequence 512, batch 1; phikit also with its int4 checkpoint as the base (QLoRA)
+    300m   dim 1024, 16 layers, ffn 4096, vocab 32064 (334M parameters): as small; for DPO's memory, where
+           the weights (1.3 GB in float32) outweigh PyTorch's import floor (0.25 GiB)
 
 transformers + PEFT is the plain loop of their docs: `get_peft_model(model, LoraConfig(...))`, the
 model's own loss from `labels`, with its default attention (SDPA) and with `attn_implementation="eager"`
@@ -28,12 +30,9 @@ weights, activations, optimizer); the first step is warm-up, tokens/s is the med
 Repetitions go round the engines (A B A B), and the table gives the median and the ratio to
 transformers + PEFT.
 
-    300m   dim 1024, 16 layers, ffn 4096, vocab 32064 (334M parameters): as small, for memory (the weights
-           dominate PyTorch's import floor)
-
 DPO rows (--tasks dpo): phikit's DPO step against TRL's `DPOTrainer` on the same checkpoint and the same
-synthetic pairs (DPO_PAIRS pairs per step, each a DPO_PROMPT-token prompt and two DPO_RESPONSE-token
-responses, random ids), sigmoid loss, beta 0.1, the shape's precision and threads, dropout off:
+synthetic pairs (4 pairs per step, each a 64-token prompt and two 64-token responses, random ids: DPO_PAIRS,
+DPO_PROMPT, DPO_RESPONSE), sigmoid loss, beta 0.1, the shape's precision and threads, dropout off:
 
     LoRA   the SFT rows' adapter (rank, alpha, targets); the reference is the policy with the adapter off
            (TRL: `peft_config=LoraConfig(...)`, ref_model=None: it disables the adapter for the reference;
