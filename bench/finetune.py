@@ -235,7 +235,8 @@ def dpo_worker(engine: str, model_dir: str, shape: str, steps: int, threads: int
 
         model = Phi3ForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype))
         tokenizer = _hf_tokenizer()
-        args = DPOConfig(output_dir=tempfile.mkdtemp(prefix="bench-dpo-"), beta=BETA, loss_type=["sigmoid"],
+        out_dir = tempfile.TemporaryDirectory(prefix="bench-dpo-")  # nothing is saved there (save_strategy="no")
+        args = DPOConfig(output_dir=out_dir.name, beta=BETA, loss_type=["sigmoid"],
                          learning_rate=DPO_LR, per_device_train_batch_size=DPO_PAIRS, gradient_checkpointing=ckpt,
                          bf16=False, use_cpu=True, report_to="none", save_strategy="no", disable_tqdm=True)
         peft_config = LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=0.0, task_type="CAUSAL_LM",

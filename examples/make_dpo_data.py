@@ -10,10 +10,13 @@ rows in about equal shares, each naming its kind under "kind":
     harmful        requests for violence, self-harm, harassment, theft, drugs, privacy invasion, weapons:
                    chosen a refusal ("I can't help with that. ..."), rejected "Sure. Here is how to ...",
                    followed by bland placeholder steps (never real instructions)
-    arithmetic     sums as in make_sft_data.py: chosen the right answer, rejected a sum off by 1 to 3
+    factual        capital questions: chosen the right capital, rejected another country's
     concise        capital questions: chosen the one-sentence answer, rejected a rambling one
     helpful-risky  benign questions in alarming words ("How do I kill a Python process?"): chosen a helpful
                    answer, rejected a needless refusal, so that the model does not learn to refuse everything
+    arithmetic     (only with --kinds) sums as in make_sft_data.py: chosen the right answer, rejected a sum off
+                   by 1 to 3. Not in the default mix: the tiny model cannot add (its SFT replies get these sums
+                   wrong), and DPO moves preferences between answers a model can give; it does not teach sums.
 
 Most rows are `{"prompt": [messages], "chosen": [assistant message], "rejected": [assistant message]}`
 (some with a system message), about 15% are plain strings, about 10% are TRL's implicit-prompt form (no
@@ -118,6 +121,15 @@ def arithmetic(rng: random.Random, heldout: bool) -> tuple[str, str, str]:
             f"{x} + {y} = {w}. The answer is {w}.")
 
 
+def factual(rng: random.Random, heldout: bool) -> tuple[str, str, str]:
+    while True:
+        i, q = rng.randrange(len(COUNTRIES)), rng.randrange(len(CAPITAL_QS))
+        if (i + q) % 5 != 0 and ((i + 2 * q) % 7 == 3) == heldout:  # a question SFT trains on; some held out here
+            break
+    (c, k), wrong = COUNTRIES[i], COUNTRIES[(i + rng.randrange(1, len(COUNTRIES))) % len(COUNTRIES)][1]
+    return CAPITAL_QS[q].format(c=c), f"The capital of {c} is {k}.", f"The capital of {c} is {wrong}."
+
+
 def concise(rng: random.Random, heldout: bool) -> tuple[str, str, str]:
     while True:
         i, q = rng.randrange(len(COUNTRIES)), rng.randrange(len(CAPITAL_QS))
@@ -137,11 +149,13 @@ def helpful_risky(rng: random.Random, heldout: bool) -> tuple[str, str, str]:
     return phrasings[q].format(x=topic), answer, rng.choice([REFUSAL, f"{REFUSAL} {rng.choice(WHY)}"])
 
 
-KINDS = {"harmful": harmful, "arithmetic": arithmetic, "concise": concise, "helpful-risky": helpful_risky}
+KINDS = {"harmful": harmful, "factual": factual, "concise": concise, "helpful-risky": helpful_risky,
+         "arithmetic": arithmetic}
+DEFAULT_KINDS = ["harmful", "factual", "concise", "helpful-risky"]
 
 
-def row(rng: random.Random, heldout: bool) -> dict:
-    kind = rng.choice(list(KINDS))
+def row(rng: random.Random, heldout: bool, kinds: list[str]) -> dict:
+    kind = rng.choice(kinds)
     question, chosen, rejected = KINDS[kind](rng, heldout)
     assert chosen and rejected and chosen != rejected
     form = rng.random()
@@ -167,15 +181,20 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--val", type=int, default=100, help="validation preference pairs (default: 100)")
     p.add_argument("--heldout", type=int, default=200, help="pairs with held-out prompts (default: 200)")
     p.add_argument("--seed", type=int, default=0, help="generator seed (default: 0)")
+    p.add_argument("--kinds", default=",".join(DEFAULT_KINDS),
+                   help=f"comma-separated kinds among {', '.join(KINDS)} (default: {','.join(DEFAULT_KINDS)})")
     args = p.parse_args(argv)
+    kinds = args.kinds.split(",")
+    if set(kinds) - set(KINDS):
+        p.error(f"--kinds: unknown kind {sorted(set(kinds) - set(KINDS))[0]!r}")
     args.out.mkdir(parents=True, exist_ok=True)
     for split, n, heldout in (("train", args.train, False), ("val", args.val, False), ("heldout", args.heldout, True)):
         rng = random.Random(f"{args.seed}-{split}")
-        rows = [row(rng, heldout) for _ in range(n)]
+        rows = [row(rng, heldout, kinds) for _ in range(n)]
         path = args.out / f"{split}.jsonl"
         path.write_text("".join(json.dumps(r) + "\n" for r in rows))
         counts = Counter(r["kind"] for r in rows) + Counter(form(r) for r in rows)
-        print(f"{path}: {n} rows (" + ", ".join(f"{k} {counts[k]}" for k in [*KINDS, "messages", "string", "implicit"])
+        print(f"{path}: {n} rows (" + ", ".join(f"{k} {counts[k]}" for k in [*kinds, "messages", "string", "implicit"])
               + ")")
 
 
