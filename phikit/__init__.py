@@ -29,13 +29,18 @@ def load(path_or_id: str | os.PathLike, dtype=None, revision: str | None = None)
     (gguf_io.load_gguf). An adapter directory (PEFT's adapter_config.json and
     adapter_model.safetensors, e.g. what `phikit sft` writes after a LoRA run) loads the base it names
     (`base_model_name_or_path`) and applies the adapter unmerged; its own tokenizer, if it has one,
-    replaces the base's (`train/adapters.py` loads adapters onto a loaded model).
+    replaces the base's (`train/adapters.py` loads adapters onto a loaded model). A base that is itself an
+    adapter directory (an adapter trained on top of another one) has its adapter merged first.
     """
     path = Path(path_or_id).expanduser()
     if path.is_dir() and (path / "adapter_config.json").exists() and not (path / "config.json").exists():
         from .train.adapters import adapter_base, load_adapter
 
+        from .train.lora import adapter_names, merge_lora
+
         model, tokenizer = load(adapter_base(path), dtype=dtype, revision=revision)
+        for name in adapter_names(model):  # the base is itself an adapter (e.g. DPO after a LoRA SFT): fold it in
+            merge_lora(model, name)
         load_adapter(model, path)
         if (path / "tokenizer.json").exists():
             tokenizer = Tokenizer(path)

@@ -371,3 +371,30 @@ def test_recipe_bad_config_is_one_line(env):
     r = run_dpo(cfg, env["dir"], env["dir"] / "bad")
     assert r.returncode != 0 and "adapter-off needs a `lora:` section" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_an_adapter_base_is_merged_and_the_new_adapter_loads_on_it(env, tmp_path):
+    """DPO with LoRA on a LoRA SFT run's final (an adapter directory): training starts from base + that adapter,
+    and the new adapter (naming the first as its base) loads back as base + first merged + second."""
+    import phikit
+    from phikit.train.adapters import save_adapter
+    from phikit.train.lora import apply_lora, merge_lora
+
+    first = load_model(env["ckpt"], dtype=torch.float32)
+    apply_lora(first, "all-linear", r=4, alpha=8)
+    with torch.no_grad():
+        for n, p in first.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.1)
+    save_adapter(first, tmp_path / "sft-adapter", base_model=str(env["ckpt"]), tokenizer=env["tok"])
+    cfg = recipe_config(env, model=str(tmp_path / "sft-adapter"), lora={"r": 4, "alpha": 8, "dropout": 0.0},
+                        train={"epochs": 1, "max_steps": 2})
+    r = run_dpo(cfg, env["dir"], tmp_path / "run")
+    assert r.returncode == 0, r.stderr[-2000:]
+    model, _ = phikit.load(tmp_path / "run" / "final")
+    merged = merge_lora(first, "default")
+    ids = env["pairs"][0][0].long()[None]
+    with torch.no_grad():
+        from phikit.train.lora import disabled
+        with disabled(model):
+            torch.testing.assert_close(model(ids), merged(ids), atol=1e-5, rtol=1e-5)

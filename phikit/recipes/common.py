@@ -74,6 +74,14 @@ def load_base(name: str, cfg: dict):
         fail(name, f"base model {cfg['model']}: {e}")
     if tokenizer is None:
         fail(name, f"base model {cfg['model']} has no tokenizer.json; fine-tuning renders chat text through it")
+    from ..train.lora import adapter_names, merge_lora
+    if adapter_names(model):  # an adapter directory (e.g. a LoRA SFT run's final): training starts from base + it
+        try:
+            for adapter in adapter_names(model):
+                merge_lora(model, adapter)
+        except ValueError as e:
+            fail(name, f"base model {cfg['model']}: {e}")
+        model.requires_grad_(cfg["lora"] is None)  # loading the adapter froze the base
     if model.cfg.quantization is not None and cfg["lora"] is None:
         fail(name, f"{cfg['model']} is quantized: a quantized base trains only with LoRA (QLoRA); add a `lora:` "
              "section or fine-tune the float checkpoint")
