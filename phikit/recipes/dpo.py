@@ -197,10 +197,9 @@ def batch_loss(cfg: dict, policy: torch.Tensor, reference: torch.Tensor, tokens:
 def pair_terms(cfg: dict, policy: torch.Tensor, reference: torch.Tensor, tokens: torch.Tensor):
     """Per-pair losses (P,) and the summed metrics of PAIR_METRICS, for policy/reference log-probs (2P,)."""
     p, P = cfg["dpo"], len(policy) // 2
-    chosen, rejected = (policy[:P], policy[P:]), (reference[:P], reference[P:])
-    losses = preference_loss(p["loss"], (chosen[0], chosen[1]), (rejected[0], rejected[1]), float(p["beta"]),
+    losses = preference_loss(p["loss"], (policy[:P], policy[P:]), (reference[:P], reference[P:]), float(p["beta"]),
                              float(p["label_smoothing"]), tokens=(tokens[:P], tokens[P:]))
-    with torch.no_grad():
+    with torch.no_grad():  # TRL's rewards: beta * (log pi - log pi_ref) of each response
         r_c, r_r = float(p["beta"]) * (policy[:P] - reference[:P]), float(p["beta"]) * (policy[P:] - reference[P:])
         sums = torch.stack([r_c.sum(), r_r.sum(), (r_c - r_r).sum(), (r_c > r_r).float().sum(),
                             policy[:P].sum(), policy[P:].sum()])
