@@ -243,13 +243,20 @@ def cast_frozen_linears(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -
     (forward, and the backward's input gradient), and it caches no cast of a weight that does not
     require grad, so a frozen base is cast again on every use. Stored in bf16 once, the matmuls see the
     same bf16 numbers, with half the memory and none of the per-step casts. Norms and the embedding
-    table stay as they are (autocast does not cast them either).
+    table keep their dtype (autocast does not cast them either), but are copied out of the checkpoint's
+    memory map when any weight was cast: the map, and with it the float32 pages of every cast weight,
+    stays resident as long as one tensor still points into it (measured on a 334M-parameter float32
+    checkpoint: 2.06 GiB after the cast without the copy, 0.93 GiB with it).
     """
     n = 0
     for m in model.modules():
         if type(m) in (nn.Linear, BF16Linear) and not m.weight.requires_grad and m.weight.dtype == torch.float32:
             m.weight.data = m.weight.data.to(dtype)
             n += 1
+    if n:
+        for p in model.parameters():
+            if not p.requires_grad and p.dtype == torch.float32:
+                p.data = p.data.clone()
     return n
 
 
