@@ -398,3 +398,26 @@ def test_an_adapter_base_is_merged_and_the_new_adapter_loads_on_it(env, tmp_path
         from phikit.train.lora import disabled
         with disabled(model):
             torch.testing.assert_close(model(ids), merged(ids), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("variant", ["fsdp-full-copy", pytest.param("ddp-lora-precomputed", marks=pytest.mark.slow)])
+def test_two_processes_give_the_one_process_losses(env, tmp_path, variant):
+    over = {"train": {"epochs": 1, "max_steps": 2}}
+    if variant.startswith("ddp"):
+        over.update(lora={"r": 4, "alpha": 8, "dropout": 0.0}, dpo={"reference": "precomputed"})
+    cfg = recipe_config(env, **over)
+    cfg_path = tmp_path / "cfg.json"
+    cfg_path.write_text(json.dumps({**cfg, "data": {**cfg["data"], "train": str(env["dir"] / "train.jsonl"),
+                                                    "val": str(env["dir"] / "val.jsonl"),
+                                                    "cache_dir": str(tmp_path / "cache")}}))
+    for name, launcher in (("one", [sys.executable]),
+                           ("two", [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                    "--nproc-per-node=2"])):
+        extra = ["--ddp"] if name == "two" and variant.startswith("ddp") else []
+        r = subprocess.run([*launcher, "-m", "phikit", "dpo", "--config", str(cfg_path), "--out", str(tmp_path / name),
+                            *extra], capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stderr[-3000:]
+    one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert len(one) == len(two) == 2
+    for a, b in zip(one, two):
+        assert b == pytest.approx(a, rel=1e-4)
