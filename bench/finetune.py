@@ -157,7 +157,7 @@ def worker(engine: str, model_dir: str, shape: str, steps: int, threads: int, co
             return model(input_ids=x[:, :-1], labels=labels).loss
     else:
         import phikit
-        from phikit.recipes.sft import checkpoint_blocks
+        from phikit.recipes.common import checkpoint_blocks
         from phikit.train.lora import apply_lora, cast_frozen_linears
         from phikit.train.losses import IGNORE_INDEX, cross_entropy
 

@@ -127,7 +127,7 @@ def test_the_step_loss_is_the_mean_over_its_trained_tokens(full_run, base, chat)
     rows = sft_data.pack(ds.examples, 64)
     lengths = [len(r.ids) for r in rows]
     batch = sft_data.epoch_batches(lengths, 8, cfg["seed"], 0, False)[0]
-    from phikit.recipes.sft import pad_id_for
+    from phikit.recipes.common import pad_id_for
     m = sft_data.collate([rows[j] for j in batch], pad_id_for(tokenizer))
     with torch.no_grad():
         logits = model(m["ids"], input_pos=m["positions"], segments=m["segments"])

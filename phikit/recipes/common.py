@@ -12,7 +12,8 @@ import torch
 
 from .. import checkpoint as model_io
 from ..train import checkpointing
-from ..train.optim import SCHEDULES
+from ..train.distributed import wrap
+from ..train.optim import SCHEDULES, make_optimizer
 from ..train.run_files import RunFileError, read_config
 
 LORA_DEFAULTS = {"r": 16, "alpha": 32, "dropout": 0.05, "targets": "all-linear", "rslora": False}
@@ -120,6 +121,35 @@ def checkpoint_blocks(model) -> None:
 
     for block in model.layers:
         block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
+
+
+def prepare_training(name: str, model, cfg: dict, world: int, ddp: bool, device):
+    """Seed, the LoRA adapter, device, activation checkpointing, compile, FSDP2/DDP wrapping and AdamW:
+    (the model itself, the model as trained (wrapped), the optimizer)."""
+    t, o = cfg["train"], cfg["optim"]
+    torch.manual_seed(cfg["seed"])  # LoRA init and dropout
+    if cfg["lora"] is not None:
+        add_lora(name, model, cfg)
+    model.to(device).train()
+    if t["activation_checkpointing"]:
+        checkpoint_blocks(model)
+    if t["compile"]:
+        for block in model.layers:
+            block.compile()  # in place: parameter names (and checkpoints) stay the same
+    wrapped = wrap(model, world, ddp, device)
+    return model, wrapped, make_optimizer(wrapped, o["lr"], o["weight_decay"], o["betas"], o["eps"])
+
+
+def restore(name: str, resume, model, optimizer) -> int:
+    """The step to continue from: 0 for a new run; else find_resume's checkpoint put into model and optimizer."""
+    if resume is None:
+        return 0
+    resume_from, resumed = resume
+    try:
+        checkpointing.restore(*resumed, model, optimizer)
+    except model_io.CheckpointError as e:
+        fail(name, f"{resume_from}: {e}")
+    return resumed[0]["step"]
 
 
 def find_resume(name: str, args, cfg: dict, out: Path):

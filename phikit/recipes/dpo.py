@@ -64,15 +64,14 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from .. import checkpoint as model_io
 from . import common, run_parser
-from .common import checkpoint_blocks, pad_id_for, save_final
+from .common import pad_id_for, save_final
 from ..data import preference
 from ..data.sft import SFTDataError, epoch_batches
 from ..train import checkpointing
 from ..train.distributed import grad_sync, setup_distributed, wrap
 from ..train.losses import IGNORE_INDEX, PREFERENCE_LOSSES, preference_loss, sequence_logps
-from ..train.optim import lr_at, make_optimizer
+from ..train.optim import lr_at
 from ..train.run_files import plot_losses, plot_metrics, restart_metrics
 
 DEFAULTS = {
@@ -212,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_config(Path(args.config))
     out, d, t, o, p = Path(args.out), cfg["data"], cfg["train"], cfg["optim"], cfg["dpo"]
     ckpt_root, metrics_path, ref_path = out / "checkpoints", out / "metrics.jsonl", out / "reference_logps.safetensors"
-    resume_from, resumed = common.find_resume("dpo", args, cfg, out) or (None, None)
+    resume = common.find_resume("dpo", args, cfg, out)  # None, or (checkpoint, what it holds)
     rank, world, device = setup_distributed()
     B, mb = t["batch_size"], t["micro_batch"]
     if B % (mb * world):
@@ -234,34 +233,17 @@ def main(argv: list[str] | None = None) -> int:
             cast_frozen_linears(copy_model, torch.bfloat16)  # what autocast rounds its weights to anyway
         if world > 1 and not args.ddp:
             copy_model = wrap(copy_model, world, False, device)
-    torch.manual_seed(cfg["seed"])  # LoRA init and dropout
-    if cfg["lora"] is not None:
-        common.add_lora("dpo", model, cfg)
-    model.to(device).train()
-    if t["activation_checkpointing"]:
-        checkpoint_blocks(model)
-    if t["compile"]:
-        for block in model.layers:
-            block.compile()  # in place: parameter names (and checkpoints) stay the same
-    base_model = model
-    model = wrap(model, world, args.ddp, device)
-    optimizer = make_optimizer(model, o["lr"], o["weight_decay"], o["betas"], o["eps"])
+    base_model, model, optimizer = common.prepare_training("dpo", model, cfg, world, args.ddp, device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=t["precision"] == "bf16")
     pack_len = int(d["max_len"]) if d["packing"] else None
     collate = functools.partial(preference.collate_pairs, pad_id=pad_id, pack_len=pack_len)
     ref = Reference(p["reference"], model, base_model, copy_model)
     if p["reference"] == "precomputed":
-        ref.tables = reference_tables(ref, ref_path, resumed is not None, cfg, train, val, collate, mb, rank,
+        ref.tables = reference_tables(ref, ref_path, resume is not None, cfg, train, val, collate, mb, rank,
                                       world, autocast, device)
     steps_per_epoch = len(train) // B
     total = t["max_steps"] or steps_per_epoch * t["epochs"]
-    start = 0
-    if resumed is not None:
-        try:
-            checkpointing.restore(*resumed, model, optimizer)
-        except model_io.CheckpointError as e:
-            fail(f"{resume_from}: {e}")
-        start = resumed[0]["step"]
+    start = common.restore("dpo", resume, model, optimizer)
     records = []
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)

@@ -59,14 +59,13 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from .. import checkpoint as model_io
 from . import common, run_parser
-from .common import checkpoint_blocks, pad_id_for, save_final  # noqa: F401 (also the API of this recipe)
+from .common import pad_id_for, save_final
 from ..data import sft as sft_data
 from ..train import checkpointing
-from ..train.distributed import grad_sync, setup_distributed, wrap
+from ..train.distributed import grad_sync, setup_distributed
 from ..train.losses import IGNORE_INDEX, cross_entropy
-from ..train.optim import lr_at, make_optimizer
+from ..train.optim import lr_at
 from ..train.run_files import plot_losses, restart_metrics
 
 DEFAULTS = {
@@ -122,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_config(Path(args.config))
     out, d, t, o = Path(args.out), cfg["data"], cfg["train"], cfg["optim"]
     ckpt_root, metrics_path = out / "checkpoints", out / "metrics.jsonl"
-    resume_from, resumed = common.find_resume("sft", args, cfg, out) or (None, None)
+    resume = common.find_resume("sft", args, cfg, out)  # None, or (checkpoint, what it holds)
 
     rank, world, device = setup_distributed()
     B, mb = t["batch_size"], t["micro_batch"]
@@ -138,27 +137,10 @@ def main(argv: list[str] | None = None) -> int:
     if len(rows) < B:
         fail(f"{d['train']}: {len(rows)} rows after packing/filtering (counts: {stats}), fewer than one batch "
              f"of train.batch_size = {B}")
-    torch.manual_seed(cfg["seed"])  # LoRA init and dropout
-    if cfg["lora"] is not None:
-        common.add_lora("sft", model, cfg)
-    model.to(device).train()
-    if t["activation_checkpointing"]:
-        checkpoint_blocks(model)
-    if t["compile"]:
-        for block in model.layers:
-            block.compile()  # in place: parameter names (and checkpoints) stay the same
-    base_model = model
-    model = wrap(model, world, args.ddp, device)
-    optimizer = make_optimizer(model, o["lr"], o["weight_decay"], o["betas"], o["eps"])
+    base_model, model, optimizer = common.prepare_training("sft", model, cfg, world, args.ddp, device)
     steps_per_epoch = len(rows) // B
     total = t["max_steps"] or steps_per_epoch * t["epochs"]
-    start = 0
-    if resumed is not None:
-        try:
-            checkpointing.restore(*resumed, model, optimizer)
-        except model_io.CheckpointError as e:
-            fail(f"{resume_from}: {e}")
-        start = resumed[0]["step"]
+    start = common.restore("sft", resume, model, optimizer)
     records = []
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
