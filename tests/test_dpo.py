@@ -422,3 +422,28 @@ def test_two_processes_give_the_one_process_losses(env, tmp_path, variant):
     assert len(one) == len(two) == 2
     for a, b in zip(one, two):
         assert b == pytest.approx(a, rel=1e-4)
+
+
+def test_bf16_copy_reference_is_the_policy_at_the_start_with_tied_embeddings(tmp_path):
+    """The frozen copy stored in bf16 (what autocast rounds the policy's matmul weights to) gives the policy's own
+    numbers, also where lm_head is the embedding table (Phi-4-mini): that one is left in float32."""
+    import copy
+
+    from phikit.train.lora import cast_frozen_linears
+
+    write_checkpoint(tiny_config("phi-4-mini-instruct"), tmp_path / "c")
+    model = load_model(tmp_path / "c", dtype=torch.float32)
+    assert model.cfg.tie_embeddings
+    ref = copy.deepcopy(model).requires_grad_(False)
+    assert cast_frozen_linears(ref) > 0
+    assert ref.embed_tokens.weight.dtype == torch.float32 and ref.lm_head.weight is ref.embed_tokens.weight
+    ids = torch.arange(40)[None]
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(model(ids), ref(ids))
+
+
+def test_identical_implicit_pairs_are_counted_not_refused(env, tmp_path):
+    conversation = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]
+    path = write_jsonl(tmp_path / "p.jsonl", pair_rows() + [{"chosen": conversation, "rejected": conversation}])
+    ds = preference.load_preference_dataset(path, env["tok"], cache_dir=tmp_path / "c")
+    assert (ds.stats["identical"], ds.stats["kept"]) == (1, 8)

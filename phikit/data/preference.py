@@ -141,6 +141,9 @@ def _tokenize_file(path: Path, tokenizer: Tokenizer, template: str | None, max_l
                disable=True if len(rows) < 1000 else None)
     for where, row in bar:
         try:
+            if row.get("chosen") is not None and row.get("chosen") == row.get("rejected"):
+                stats["identical"] += 1  # in either form (an implicit pair has no response to tell apart)
+                continue
             prompt, chosen, rejected = to_pair(row)
             if chosen == rejected:
                 stats["identical"] += 1
@@ -167,13 +170,15 @@ def _tokenize_file(path: Path, tokenizer: Tokenizer, template: str | None, max_l
     return flat[0], flat[1], offsets, stats
 
 
-def collate_pairs(pairs, pad_id: int, pack_len: int | None = None) -> dict[str, torch.Tensor]:
+def collate_pairs(pairs, pad_id: int, pack_len: int | None = None,
+                  longrope_switch: int | None = None) -> dict[str, torch.Tensor]:
     """P pairs -> a batch of their 2P sequences (chosen 0..P-1, then rejected P..2P-1), padded, or packed
-    into rows of pack_len positions. Adds to data/sft.py's collate fields `sequence` (B, T): the sequence
-    each position belongs to (-1 on padding), and `tokens` (2P,): each sequence's trained tokens."""
+    into rows of pack_len positions (longrope_switch: as for data/sft.py's pack, a LongRoPE model's
+    original_max_seq_len). Adds to data/sft.py's collate fields `sequence` (B, T): the sequence each
+    position belongs to (-1 on padding), and `tokens` (2P,): each sequence's trained tokens."""
     seqs = [(c, ct) for c, ct, _, _ in pairs] + [(r, rt) for _, _, r, rt in pairs]
     if pack_len is not None:
-        rows = sft.pack(seqs, pack_len, pad_id)
+        rows = sft.pack(seqs, pack_len, pad_id, longrope_switch=longrope_switch)
         batch = sft.collate(rows, pad_id)
         members = torch.full((len(rows), len(seqs) + 1), -1, dtype=torch.int64)  # row, segment -> sequence
         for b, row in enumerate(rows):

@@ -148,7 +148,7 @@ class Reference:
     def __call__(self, batch: dict, split: str, pairs: list[int]) -> torch.Tensor:
         if self.mode == "precomputed":
             table = self.tables[split]  # (pairs, 2): chosen, rejected
-            return torch.cat([table[pairs, 0], table[pairs, 1]])
+            return torch.cat([table[pairs, 0], table[pairs, 1]]).to(batch["ids"].device)
         if self.mode == "copy":
             return batch_logps(self.copy_model, batch)
         from ..train.lora import disabled
@@ -236,7 +236,8 @@ def main(argv: list[str] | None = None) -> int:
     base_model, model, optimizer = common.prepare_training("dpo", model, cfg, world, args.ddp, device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=t["precision"] == "bf16")
     pack_len = int(d["max_len"]) if d["packing"] else None
-    collate = functools.partial(preference.collate_pairs, pad_id=pad_id, pack_len=pack_len)
+    switch = base_model.cfg.original_max_seq_len if base_model.cfg.longrope else None  # one LongRoPE list per row
+    collate = functools.partial(preference.collate_pairs, pad_id=pad_id, pack_len=pack_len, longrope_switch=switch)
     ref = Reference(p["reference"], model, base_model, copy_model)
     if p["reference"] == "precomputed":
         ref.tables = reference_tables(ref, ref_path, resume is not None, cfg, train, val, collate, mb, rank,
@@ -367,23 +368,32 @@ def reference_tables(ref: Reference, path: Path, resuming: bool, cfg: dict, trai
 @torch.no_grad()
 def evaluate(cfg: dict, model, ref: Reference, val, collate, micro_batch: int, rank: int, world: int, autocast,
              device) -> dict:
-    """eval_loss and eval_<PAIR_METRICS> over the validation pairs of all ranks (dealt round-robin; every rank runs
-    the same number of forwards, which FSDP needs)."""
+    """eval_loss and eval_<PAIR_METRICS> over every validation pair, dealt round-robin to the ranks; every rank runs
+    the same number of forwards (FSDP needs it: a rank short of pairs runs a dummy one and drops it). eval_loss is
+    the step's loss over the whole set: the mean per-pair loss, plus the RPO term over all chosen tokens."""
     model.eval()
-    n = len(val) // world * world or len(val)
-    mine = list(range(rank, n, world)) if n >= world else list(range(len(val)))
-    sums = torch.zeros(len(PAIR_METRICS) + 2, device=device)  # loss, PAIR_METRICS, pairs
-    for k in range(0, len(mine), micro_batch):
+    mine = list(range(rank, len(val), world))
+    forwards = -(-len(range(0, len(val), world)) // micro_batch)  # rank 0 has the most pairs
+    sums = torch.zeros(len(PAIR_METRICS) + 4, device=device)  # pair losses, PAIR_METRICS, pairs, chosen logp, tokens
+    for k in range(0, forwards * micro_batch, micro_batch):
         idx = mine[k:k + micro_batch]
-        m = {key: v.to(device) for key, v in collate([val.pairs[j] for j in idx]).items()}
+        m = {key: v.to(device) for key, v in collate([val.pairs[j] for j in idx or [0]]).items()}
         with autocast:
-            policy, reference = batch_logps(model, m), ref(m, "val", idx)
-        _, batch_sums = batch_loss(cfg, policy, reference, m["tokens"], len(idx), m["tokens"][:len(idx)].sum().clamp(min=1))
-        sums += torch.cat([batch_sums, torch.tensor([float(len(idx))], device=device)])
+            policy, reference = batch_logps(model, m), ref(m, "val", idx or [0])
+        if idx:
+            losses, pair_sums = pair_terms(cfg, policy, reference, m["tokens"])
+            P = len(idx)
+            sums += torch.cat([losses.sum()[None], pair_sums,
+                               torch.stack([torch.tensor(float(P), device=device), policy[:P].sum(),
+                                            m["tokens"][:P].sum().float()])])
     if world > 1:
         dist.all_reduce(sums)
     model.train()
-    return named(sums[:-1] / sums[-1].clamp(min=1), "eval_")
+    pairs, chosen_logp, chosen_tokens = sums[-3].clamp(min=1), sums[-2], sums[-1].clamp(min=1)
+    values = sums[:-3] / pairs
+    if cfg["dpo"]["rpo_alpha"]:
+        values[0] = values[0] - float(cfg["dpo"]["rpo_alpha"]) * chosen_logp / chosen_tokens
+    return named(values, "eval_")
 
 
 def plot(records: list[dict], out: Path) -> None:
