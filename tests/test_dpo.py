@@ -447,3 +447,17 @@ def test_identical_implicit_pairs_are_counted_not_refused(env, tmp_path):
     path = write_jsonl(tmp_path / "p.jsonl", pair_rows() + [{"chosen": conversation, "rejected": conversation}])
     ds = preference.load_preference_dataset(path, env["tok"], cache_dir=tmp_path / "c")
     assert (ds.stats["identical"], ds.stats["kept"]) == (1, 8)
+
+
+def test_resume_refuses_a_reference_table_of_other_pairs(env, tmp_path):
+    cfg = recipe_config(env, lora={"r": 4, "alpha": 8, "dropout": 0.0}, dpo={"reference": "precomputed"},
+                        train={"epochs": 1, "max_steps": 2})
+    out = tmp_path / "run"
+    assert run_dpo(cfg, env["dir"], out).returncode == 0
+    rows = pair_rows() * 4
+    rows[0] = {**rows[0], "chosen": rows[0]["chosen"] + " Indeed."}  # the same number of pairs, one changed
+    write_jsonl(env["dir"] / "train.jsonl", rows)
+    cfg["train"]["max_steps"] = 3
+    r = run_dpo(cfg, env["dir"], out, "--resume")
+    assert r.returncode != 0 and "computed for other pairs" in r.stderr, r.stderr[-2000:]
+    write_jsonl(env["dir"] / "train.jsonl", pair_rows() * 4)

@@ -56,6 +56,7 @@ from __future__ import annotations
 import argparse
 import copy
 import functools
+import hashlib
 import json
 import sys
 import time
@@ -340,16 +341,20 @@ def reference_tables(ref: Reference, path: Path, resuming: bool, cfg: dict, trai
                      rank: int, world: int, autocast, device) -> dict:
     """{split: (pairs, 2)} reference log-probs: computed now with the starting weights and stored in the run
     directory, or (resuming) read back from it, so that a resumed run uses the very same numbers."""
+    from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
     splits = {"train": train, **({"val": val} if val is not None else {})}
+    prints = {s: fingerprint(data) for s, data in splits.items()}
     if resuming:
         try:
             tables = load_file(str(path))
-        except (OSError, Exception) as e:  # safetensors raises its own error type
+            with safe_open(str(path), "pt") as f:
+                stored = json.loads((f.metadata() or {}).get("data", "{}"))
+        except Exception as e:  # safetensors raises its own error types
             fail(f"--resume: {path} cannot be read ({e}); the reference log-probs of this run are lost")
-        if any(tables.get(s, torch.empty(0)).shape != (len(data), 2) for s, data in splits.items()):
-            fail(f"--resume: {path} does not fit the data (was the data changed?)")
+        if stored != prints or any(tables.get(s, torch.empty(0)).shape != (len(data), 2) for s, data in splits.items()):
+            fail(f"--resume: {path} was computed for other pairs (was the data, the tokenizer or max_len changed?)")
         return tables
     # the start: the policy before any step (LoRA: with its adapter off, which is the same thing at B = 0)
     start = Reference("adapter-off", ref.policy, ref.base_model) if cfg["lora"] is not None else \
@@ -360,9 +365,20 @@ def reference_tables(ref: Reference, path: Path, resuming: bool, cfg: dict, trai
     if rank == 0:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
-        save_file({s: v.contiguous() for s, v in tables.items()}, str(tmp), metadata={"model": str(cfg["model"])})
+        save_file({s: v.contiguous() for s, v in tables.items()}, str(tmp),
+                  metadata={"model": str(cfg["model"]), "data": json.dumps(prints)})
         tmp.replace(path)
     return tables
+
+
+def fingerprint(data: preference.PreferenceDataset) -> str:
+    """sha256 of a split's tokenized pairs: a stored reference table belongs to exactly these."""
+    h = hashlib.sha256()
+    for pair in data.pairs:
+        for t in pair:
+            h.update(t.numpy().tobytes())
+            h.update(b"|")
+    return h.hexdigest()
 
 
 @torch.no_grad()
