@@ -15,6 +15,7 @@ COMMANDS = {
     "pretrain": ("phikit.recipes.pretrain", "pretrain from scratch on token shards (phases, resume, FSDP/DDP)"),
     "sft": ("phikit.recipes.sft", "supervised fine-tuning on chat data, full or LoRA / QLoRA (resume, FSDP/DDP)"),
     "dpo": ("phikit.recipes.dpo", "preference optimisation (DPO, IPO) on chosen/rejected pairs, full or LoRA (resume, FSDP/DDP)"),
+    "eval": ("phikit.commands.eval", "evaluate: MMLU, HumanEval, math, perplexity, safety, local and lm-eval tasks"),
     "lora": ("phikit.commands.lora", "LoRA adapters: convert fused <-> split names, merge into a checkpoint"),
 }
 

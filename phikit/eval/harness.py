@@ -47,6 +47,17 @@ class PhikitLM(TemplateLM):
         self.add_bos_token = add_bos_token if not isinstance(add_bos_token, str) else add_bos_token.lower() == "true"
         self._max_gen_toks = int(max_gen_toks)
 
+    @classmethod
+    def from_loaded(cls, model, tokenizer, source: str, **kwargs) -> "PhikitLM":
+        """Wrap a model already loaded (phikit eval's), without loading it again."""
+        lm = cls.__new__(cls)
+        TemplateLM.__init__(lm)
+        lm.model, lm.tokenizer, lm.source = model, tokenizer, source
+        lm._max_length = model.cfg.max_seq_len
+        lm.batch_tokens, lm.gen_batch = int(kwargs.get("batch_tokens", 4096)), int(kwargs.get("gen_batch", 8))
+        lm.add_bos_token, lm._max_gen_toks = None, 256
+        return lm
+
     # what lm-eval asks of a model ----------------------------------------------------------------------------------
     @property
     def eot_token_id(self) -> int:
