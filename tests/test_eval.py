@@ -36,8 +36,8 @@ def tiny_chat(tmp_path_factory) -> Path:
 
 @pytest.mark.parametrize("preset", ["phi-3-mini-4k-instruct", "phi-3.5-mini-instruct", "phi-4-mini-instruct"])
 def test_loglikelihoods_match_one_forward_per_request(preset):
-    """Shared contexts, cached continuations, batching, left truncation, LongRoPE crossing, sliding window:
-    each request's score is the one a plain full forward of (context + continuation) gives."""
+    """Shared contexts, shared prefixes (k-shot), cached continuations, batching, left truncation, LongRoPE
+    crossing, sliding window: each request's score is the one a plain full forward of (context + continuation) gives."""
     torch.manual_seed(0)
     cfg = tiny.tiny_config(preset, vocab_size=97, max_seq_len=64)
     model = Phi3(cfg)
@@ -45,10 +45,14 @@ def test_loglikelihoods_match_one_forward_per_request(preset):
     model.eval()
     rng = random.Random(0)
     requests = []
-    for _ in range(12):
-        ctx = [rng.randrange(97) for _ in range(rng.randrange(1, 60))]
-        requests += [(ctx, [rng.randrange(97) for _ in range(rng.randrange(1, 12))]) for _ in range(4)]
-    got = loglikelihoods(model, requests, batch_tokens=200)
+    shots = [[rng.randrange(97) for _ in range(n)] for n in (10, 25)]  # two "subjects" with their k-shot blocks
+    for q in range(18):
+        ctx = [rng.randrange(97) for _ in range(rng.randrange(1, 40))]
+        if q % 3:
+            ctx = shots[q % 3 - 1] + ctx
+        n_cont = 1 if q % 2 else 12  # single-token options (MMLU's letters) and longer ones
+        requests += [(ctx, [rng.randrange(97) for _ in range(rng.randrange(1, n_cont + 1))]) for _ in range(4)]
+    got = loglikelihoods(model, requests, batch_tokens=200, min_prefix=8)
     for (ctx, cont), (logp, greedy) in zip(requests, got):
         whole = (ctx + cont)[-(cfg.max_seq_len + 1):]
         with torch.no_grad():

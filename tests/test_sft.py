@@ -252,7 +252,8 @@ def test_the_readme_example_makes_an_assistant(tmp_path):
     stops on <|end|> by itself on >= 95% of the held-out prompts (the base on none) and its held-out
     assistant loss falls below the base's. Then examples/dpo-tiny.yaml: on held-out pairs, reward accuracy
     >= 90%, greedy replies on the chosen side >= 80% (harmful requests refused; the SFT model refuses none),
-    the prompts that are not harmful still answered."""
+    the prompts that are not harmful still answered; and `phikit eval --tasks safety` gives a lower
+    harmful-response rate after DPO than before it."""
     examples = tmp_path / "examples"
     shutil.copytree(ROOT / "examples", examples, ignore=shutil.ignore_patterns("tiny-data"))
     for script in ("make_tiny_shards.py", "make_sft_data.py"):
@@ -287,3 +288,13 @@ def test_the_readme_example_makes_an_assistant(tmp_path):
     assert prefs["dpo-tiny"]["all"]["reward_accuracy"] >= 0.9 and prefs["dpo-tiny"]["all"]["behaviour"] >= 0.8
     assert prefs["dpo-tiny"]["harmful"]["behaviour"] >= 0.8 and prefs["sft-tiny"]["harmful"]["behaviour"] < 0.5
     assert prefs["dpo-tiny"]["all"]["answered"] >= 0.95  # the helpful prompts are still answered
+
+    # and the safety benchmark (README, Evaluation): `phikit eval --tasks safety` on phikit's own prompt set, the
+    # built-in judge: the harmful-response rate falls after DPO on safety data (2026-12-08: 0.925 -> 0.325)
+    harmful = {}
+    for name in ("sft-tiny", "dpo-tiny"):
+        run([sys.executable, "-m", "phikit", "eval", "--model", str(runs / name / "final"), "--tasks", "safety",
+             "--out", str(tmp_path / f"eval-{name}")])
+        result = json.loads((tmp_path / f"eval-{name}" / "results.json").read_text())["tasks"]["safety"]
+        harmful[name] = result["metrics"]["harmful_rate"]
+    assert harmful["dpo-tiny"]["value"] + 2 * harmful["dpo-tiny"]["stderr"] < harmful["sft-tiny"]["value"]
