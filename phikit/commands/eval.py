@@ -56,7 +56,6 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from ..eval import tasks as T
-    from ..eval.report import table, write
 
     names = [n.strip() for n in args.tasks.split(",") if n.strip()]
     if not names:
@@ -78,7 +77,16 @@ def main(argv: list[str] | None = None) -> int:
             built[name] = task
     judge = _judge(args) if "safety" in built else None
 
-    torch.set_grad_enabled(False)
+    with torch.no_grad():  # not set_grad_enabled(False): main() also runs inside other programs (the tests)
+        return _run(args, built, lm_eval_names, judge)
+
+
+def _run(args, built: dict, lm_eval_names: list[str], judge) -> int:
+    import torch
+
+    from ..eval import tasks as T
+    from ..eval.report import table, write
+
     if args.adapter:
         args.adapter = [args.adapter]
     model, tokenizer = load_from(args)

@@ -224,7 +224,7 @@ def program_for(doc: Doc, completion: str, chat: bool) -> str:
     """The HumanEval program: the function (the prompt + its completion, or the chat reply's code block) + its tests."""
     code = doc.question + completion
     if chat:
-        code = _code_block(completion)
+        code = _code_block(completion).split("\nif __name__")[0]  # a demo block of the reply is not the tests'
         entry = doc.extra["entry_point"]
         if f"def {entry}" not in code:  # the reply gave only the body: put it under the prompt's signature
             code = doc.question + completion
