@@ -312,3 +312,18 @@ def test_perplexity_task_is_bits_per_byte_of_a_full_forward(tiny_chat, tmp_path)
 
     assert r["metrics"]["bits_per_byte"]["value"] == pytest.approx(nll / math.log(2) / len(text.encode()), rel=1e-5)
     assert r["n"] == len(ids) - 1
+
+
+def test_lm_eval_task_names_run_through_phikit_eval(tiny_chat, tmp_path):
+    """An lm-eval task (here a local one, --lm-eval-include) runs on phikit's model; with the same prompt as a
+    phikit task file it gives the same accuracy."""
+    from phikit.commands.eval import main
+
+    tasks_dir = _lm_eval_tasks(tmp_path / "tasks")
+    ours = _task_file(tmp_path, "multiple_choice")
+    main(["--model", str(tiny_chat), "--tasks", f"fx_mc,{ours}", "--no-chat", "--lm-eval-include", str(tasks_dir),
+          "--out", str(tmp_path / "out")])
+    r = json.loads((tmp_path / "out" / "results.json").read_text())["tasks"]
+    assert r["fx_mc"]["n"] == r[str(ours)]["n"] == 12
+    for metric in ("acc", "acc_norm"):
+        assert r["fx_mc"]["metrics"][metric]["value"] == pytest.approx(r[str(ours)]["metrics"][metric]["value"])

@@ -42,6 +42,8 @@ def parser() -> argparse.ArgumentParser:
                    help="safety: an OpenAI-compatible endpoint (e.g. a `phikit serve` URL) judging each response "
                         "(default: the built-in offline judge, which detects refusals only)")
     p.add_argument("--judge-model", default=None, help="safety: the model name sent to --judge (default: its first)")
+    p.add_argument("--lm-eval-include", default=None, metavar="DIR",
+                   help="a directory of lm-eval task files (YAML) whose task names --tasks may use (default: none)")
     p.add_argument("--batch-tokens", type=int, default=4096, metavar="N",
                    help="log-likelihood batches hold at most N (padded) tokens (default: 4096)")
     p.add_argument("--gen-batch", type=int, default=8, metavar="N",
@@ -70,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         except T.TaskError as e:
             sys.exit(f"phikit eval: {e}")
         if task is None:
-            if not _lm_eval_knows(name):
+            if not _lm_eval_knows(name, args.lm_eval_include):
                 sys.exit(f"phikit eval: unknown task {name!r}; known: {T.known_names()}")
             lm_eval_names.append(name)
         else:
@@ -128,7 +130,7 @@ def _run(args, built: dict, lm_eval_names: list[str], judge) -> int:
         from ..eval.lm_eval_tasks import run_lm_eval
 
         for name, (r, s) in run_lm_eval(model, tokenizer, args.model, lm_eval_names, args.shots, args.limit,
-                                        chat).items():
+                                        chat, args.lm_eval_include).items():
             results["tasks"][name] = r
             samples[name] = s
     written = write(args.out, results, samples if args.log_samples else None)
@@ -137,12 +139,12 @@ def _run(args, built: dict, lm_eval_names: list[str], judge) -> int:
     return 0
 
 
-def _lm_eval_knows(name: str) -> bool:
+def _lm_eval_knows(name: str, include_path: str | None) -> bool:
     try:
-        from lm_eval.tasks import TaskManager
-    except ImportError:
+        from ..eval.lm_eval_tasks import task_manager
+    except ImportError:  # lm-eval is not installed
         return False
-    return name in TaskManager().all_tasks
+    return name in task_manager(include_path).all_tasks
 
 
 def _judge(args):

@@ -9,15 +9,21 @@ from __future__ import annotations
 from .harness import PhikitLM
 
 
+def task_manager(include_path: str | None = None):
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=include_path)
+
+
 def run_lm_eval(model, tokenizer, source: str, names: list[str], shots: int, limit: int | None,
-                chat: bool) -> dict[str, tuple[dict, list[dict]]]:
+                chat: bool, include_path: str | None = None) -> dict[str, tuple[dict, list[dict]]]:
     """{task: (result, samples)} in phikit's result format, from lm-eval's simple_evaluate."""
     import lm_eval
 
     lm = PhikitLM.from_loaded(model, tokenizer, source)
     out = lm_eval.simple_evaluate(model=lm, tasks=names, num_fewshot=shots or None, limit=limit,
                                   apply_chat_template=chat, fewshot_as_multiturn=chat and bool(shots),
-                                  log_samples=True)
+                                  log_samples=True, task_manager=task_manager(include_path))
     results = {}
     for task, metrics in out["results"].items():
         values = {}
