@@ -149,11 +149,12 @@ def loglikelihoods(model: Phi3, requests: Sequence[tuple[Sequence[int], Sequence
     device = model.norm.weight.device
     cfg = model.cfg
     slot_bytes = 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * model.cache_dtype.itemsize
-    cache = _Cache(model)
+    slots = max(cache_bytes // slot_bytes, 1)
+    cache = _Cache(model, slots)
     try:
         for P, cluster in _clusters(_group(model, requests, max_len), min_prefix):
             prefix_kv = _prefix_kv(model, cluster[0].context[:P], device) if P else None
-            for batch in _batches(cluster, P, batch_tokens, max_rows, max(cache_bytes // slot_bytes, 1)):
+            for batch in _batches(cluster, P, batch_tokens, max_rows, slots):
                 for i, logp in _score_batch(model, batch, device, cache, prefix_kv).items():
                     target = torch.tensor(requests[i][1], device=device)[-len(logp):]
                     results[i] = (float(logp.gather(-1, target[:, None]).sum()),
@@ -167,14 +168,16 @@ def loglikelihoods(model: Phi3, requests: Sequence[tuple[Sequence[int], Sequence
 
 class _Cache:
     """The model's KV cache, kept from batch to batch and grown when a batch needs more rows or positions:
-    a fresh allocation per batch costs its page faults again (the memory is touched anew)."""
+    a fresh allocation per batch costs its page faults again (the memory is touched anew). Grown in both
+    dimensions only within the budget of `slots` (rows x positions); else allocated as the batch needs."""
 
-    def __init__(self, model: Phi3):
-        self.model, self.rows, self.length = model, 0, 0
+    def __init__(self, model: Phi3, slots: int):
+        self.model, self.slots, self.rows, self.length = model, slots, 0, 0
 
     def ensure(self, rows: int, length: int) -> None:
         if rows > self.rows or length > self.length or self.model.cache_rope_long is None:
-            self.rows, self.length = max(rows, self.rows), max(length, self.length)
+            grown = (max(rows, self.rows), max(length, self.length))
+            self.rows, self.length = grown if grown[0] * grown[1] <= self.slots else (rows, length)
             self.model.remove_cache()
             self.model.setup_cache(self.rows, self.length)
 
