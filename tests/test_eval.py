@@ -181,7 +181,6 @@ def test_chat_model_is_evaluated_through_its_template_and_stops_on_end(tiny_chat
 
     def spy(model_, tok_, ids, max_new, stops, stop_ids, *a, **k):
         prompts["ids"], prompts["stop_ids"] = ids, list(stop_ids)
-        prompts["steps"] = []
         return real(model_, tok_, ids, max_new, stops, stop_ids, *a, **k)
 
     run_mod.generate_texts = spy
