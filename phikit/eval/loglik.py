@@ -34,10 +34,6 @@ class _Group:
     members: list[tuple[int, tuple[int, ...]]] = field(default_factory=list)  # (request index, continuation)
 
     @property
-    def rows(self) -> int:  # cache rows it needs when some continuation has more than one token
-        return len(self.members)
-
-    @property
     def tail(self) -> int:  # the longest continuation minus its last token: what runs after the context
         return max(len(c) for _, c in self.members) - 1
 
